@@ -73,3 +73,78 @@ class LoraConfig:
             _freeze(self, "layers_to_transform", [self.layers_to_transform])
         if isinstance(self.target_modules, tuple):
             _freeze(self, "target_modules", list(self.target_modules))
+
+
+@dataclass(frozen=True, kw_only=True)
+class PromptTuningConfig:
+    """Prompt tuning: n trainable virtual-token embeddings prepended to the input embeddings."""
+
+    num_virtual_tokens: int = 20  # n, the number of soft-prompt vectors
+    prompt_tuning_init: Literal["RANDOM", "SAMPLE_VOCAB", "TEXT"] = "RANDOM"  # how the prompt starts
+    prompt_tuning_init_text: str | None = None  # the text whose embeddings start the prompt ("TEXT")
+    tokenizer_name_or_path: str | None = None  # recorded in the PEFT file (informational)
+    token_dim: int | None = None  # hidden size of the model; filled in from the model when None
+    task_type: str | None = "CAUSAL_LM"  # PEFT's task type; informational
+
+    def __post_init__(self) -> None:
+        name = type(self).__name__
+        n = self.num_virtual_tokens
+        if not isinstance(n, int) or isinstance(n, bool) or n <= 0:
+            raise _fail(name, "num_virtual_tokens", n, "an integer > 0")
+        if self.prompt_tuning_init not in ("RANDOM", "SAMPLE_VOCAB", "TEXT"):
+            accepted = "'RANDOM', 'SAMPLE_VOCAB' or 'TEXT'"
+            raise _fail(name, "prompt_tuning_init", self.prompt_tuning_init, accepted)
+        if self.prompt_tuning_init == "TEXT" and not self.prompt_tuning_init_text:
+            accepted = "a non-empty text when prompt_tuning_init='TEXT'"
+            raise _fail(name, "prompt_tuning_init_text", self.prompt_tuning_init_text, accepted)
+        dim = self.token_dim
+        if dim is not None and (not isinstance(dim, int) or isinstance(dim, bool) or dim <= 0):
+            raise _fail(name, "token_dim", self.token_dim, "an integer > 0 or None")
+
+
+@dataclass(frozen=True, kw_only=True)
+class BottleneckConfig:
+    """Houlsby bottleneck adapters: h + W_up f(W_down h) after attention and after the MLP."""
+
+    bottleneck_size: int = 64  # m, the width of the bottleneck (hidden d -> m -> d)
+    non_linearity: Literal["relu", "gelu", "silu", "tanh"] = "relu"  # f
+    target_modules: list[str] | None = None  # sub-layer suffixes; None: attention + MLP
+    adapter_dropout: float = 0.0  # dropout on the adapter's input, in [0, 1)
+    task_type: str | None = "CAUSAL_LM"  # informational
+
+    def __post_init__(self) -> None:
+        name = type(self).__name__
+        m = self.bottleneck_size
+        if not isinstance(m, int) or isinstance(m, bool) or m <= 0:
+            raise _fail(name, "bottleneck_size", m, "an integer > 0")
+        if self.non_linearity not in ("relu", "gelu", "silu", "tanh"):
+            accepted = "'relu', 'gelu', 'silu' or 'tanh'"
+            raise _fail(name, "non_linearity", self.non_linearity, accepted)
+        if not 0.0 <= float(self.adapter_dropout) < 1.0:
+            raise _fail(name, "adapter_dropout", self.adapter_dropout, "a number in [0, 1)")
+        if isinstance(self.target_modules, str | tuple):
+            value = self.target_modules
+            _freeze(self, "target_modules", [value] if isinstance(value, str) else list(value))
+
+
+@dataclass(frozen=True, kw_only=True)
+class IA3Config:
+    """IA³: learned vectors that rescale keys, values (outputs) and the MLP's down projection (input)."""
+
+    target_modules: list[str] | str | None = None  # suffixes or a regex; None: model default
+    feedforward_modules: list[str] | str | None = None  # targets scaled on their input
+    exclude_modules: list[str] | str | None = None  # suffixes or regex never adapted
+    fan_in_fan_out: bool = False  # base weight stored (in, out), as GPT-2's Conv1D
+    init_ia3_weights: bool = True  # True: vectors start at 1 (the base model); False: random
+    modules_to_save: list[str] | None = None  # modules trained in full and saved
+    task_type: str | None = None  # PEFT's task type; informational
+
+    def __post_init__(self) -> None:
+        name = type(self).__name__
+        for field_name in ("target_modules", "feedforward_modules", "exclude_modules"):
+            value = getattr(self, field_name)
+            if isinstance(value, tuple | set):
+                _freeze(self, field_name, sorted(value))
+        targets, ff = self.target_modules, self.feedforward_modules
+        if isinstance(targets, list) and isinstance(ff, list) and not set(ff) <= set(targets):
+            raise _fail(name, "feedforward_modules", ff, f"a subset of target_modules {targets}")
