@@ -1,0 +1,245 @@
+"""Adapter files in Hugging Face PEFT's format, both ways.
+
+    DIR/adapter_config.json          {"peft_type": "LORA", "r": 8, "lora_alpha": 16, …}
+    DIR/adapter_model.safetensors    base_model.model.<module>.lora_A.weight, …
+
+Keys carry no adapter name (PEFT strips it: `q_proj.lora_A.default.weight` is saved as
+`q_proj.lora_A.weight`) and start with `base_model.model.`. What PEFT has no field for
+(e.g. the quantization an adapter was trained on, or the slices of a fused projection)
+goes into the safetensors header metadata, which PEFT ignores.
+
+Each method's conversion between a model and (tensors, config dict) is an `AdapterFormat`
+registered with `register_format` (defined in slimtune.inject so that methods can register
+without importing file code); this module only reads and writes the files.
+Writes are atomic (temporary directory, then rename); pickled weights are never loaded.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import warnings
+from dataclasses import fields
+from pathlib import Path
+from typing import Any
+
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from torch import Tensor, nn
+
+from slimtune.errors import SlimtuneError
+from slimtune.inject import (
+    AdapterFormat,
+    active_adapter,
+    adapter_configs,
+    format_for_config,
+    format_for_json,
+    register_format,
+)
+
+__all__ = [
+    "AdapterFormat",
+    "register_format",
+    "save_adapter",
+    "load_adapter",
+    "read_adapter_config",
+    "read_adapter_metadata",
+    "read_adapter_tensors",
+    "config_from_json",
+    "write_atomic_dir",
+    "PEFT_PREFIX",
+]
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+PEFT_PREFIX = "base_model.model."
+PICKLED_NAMES = ("adapter_model.bin", "adapter_model.pt", "adapter_model.pth", "pytorch_model.bin")
+
+
+# ----------------------------------------------------------------------------- writing
+
+
+def prepare_out_dir(path: str | os.PathLike, overwrite: bool) -> Path:
+    """Refuse an existing non-empty directory unless `overwrite`; return the path."""
+    out = Path(path).expanduser()
+    if out.exists() and not out.is_dir():
+        raise SlimtuneError(f"output {out} exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise SlimtuneError(
+            f"output directory {out} exists and is not empty (use --overwrite / overwrite=True)"
+        )
+    return out
+
+
+def write_atomic_dir(out: Path, write: Any) -> None:
+    """Call write(tmp_dir), then move tmp_dir to `out` (replacing it) in one rename."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
+    try:
+        write(tmp)
+        if out.exists():
+            old = out.with_name(f".{out.name}.old-{os.getpid()}")
+            os.replace(out, old)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def save_adapter(
+    model: nn.Module,
+    path: str | os.PathLike,
+    adapter_name: str | None = None,
+    *,
+    base_model_name_or_path: str | None = None,
+    metadata: dict[str, str] | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Write one adapter as a PEFT directory (adapter_config.json + adapter_model.safetensors).
+
+    Args:
+        model: a model carrying the adapter.
+        path: the output directory (refused if it exists and is not empty, unless overwrite).
+        adapter_name: which adapter (the active one by default).
+        base_model_name_or_path: recorded in adapter_config.json (PEFT loads the base from it).
+        metadata: extra string pairs for the safetensors header (PEFT ignores them).
+        overwrite: replace an existing directory.
+
+    Returns:
+        The directory written.
+    """
+    name = adapter_name or active_adapter(model)
+    configs = adapter_configs(model)
+    if name not in configs:
+        raise SlimtuneError(
+            f"no adapter named {name!r} to save; the model has: {', '.join(configs) or 'none'}"
+        )
+    out = prepare_out_dir(path, overwrite)
+    fmt = format_for_config(configs[name])
+    tensors, config_json, extra = fmt.export(model, name, configs[name])
+    config_json = {"peft_type": fmt.peft_type, **config_json}
+    if base_model_name_or_path is not None:
+        config_json["base_model_name_or_path"] = str(base_model_name_or_path)
+    header = {"format": "pt", **extra, **(metadata or {})}
+    bad = [k for k, v in header.items() if not isinstance(k, str) or not isinstance(v, str)]
+    if bad:
+        raise SlimtuneError(
+            f"metadata[{bad[0]!r}] is not accepted: keys and values must be strings"
+        )
+    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+
+    def write(tmp: Path) -> None:
+        (tmp / CONFIG_NAME).write_text(json.dumps(config_json, indent=2, sort_keys=True) + "\n")
+        save_file(tensors, str(tmp / WEIGHTS_NAME), metadata=header)
+
+    write_atomic_dir(out, write)
+    return out
+
+
+# ----------------------------------------------------------------------------- reading
+
+
+def _adapter_dir(path: str | os.PathLike) -> Path:
+    directory = Path(path).expanduser()
+    if not directory.exists():
+        raise SlimtuneError(f"adapter directory {directory} does not exist")
+    if not directory.is_dir():
+        raise SlimtuneError(
+            f"adapter {directory} is a file; give the directory holding {CONFIG_NAME}"
+        )
+    if not (directory / CONFIG_NAME).is_file():
+        raise SlimtuneError(f"adapter directory {directory} has no {CONFIG_NAME}")
+    return directory
+
+
+def read_adapter_config(path: str | os.PathLike) -> dict[str, Any]:
+    """The adapter_config.json of an adapter directory, as a dict."""
+    file = _adapter_dir(path) / CONFIG_NAME
+    try:
+        data = json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise SlimtuneError(f"{file} is not valid JSON ({exc})") from exc
+    if not isinstance(data, dict):
+        raise SlimtuneError(f"{file} must hold a JSON object")
+    return data
+
+
+def _weights_file(directory: Path) -> Path:
+    file = directory / WEIGHTS_NAME
+    if file.is_file():
+        return file
+    pickled = [directory / n for n in PICKLED_NAMES if (directory / n).is_file()]
+    if pickled:
+        p = pickled[0]
+        raise SlimtuneError(
+            f"{p} is a pickled file, which slimtune never loads (it can run code); convert it once "
+            'with: python -c "import torch, safetensors.torch as s; '
+            f"s.save_file(torch.load('{p.name}', weights_only=True), '{WEIGHTS_NAME}')\""
+        )
+    raise SlimtuneError(f"adapter directory {directory} has no {WEIGHTS_NAME}")
+
+
+def read_adapter_metadata(path: str | os.PathLike) -> dict[str, str]:
+    """The safetensors header metadata of an adapter directory (without "format")."""
+    file = _weights_file(_adapter_dir(path))
+    try:
+        with safe_open(str(file), "pt") as handle:
+            meta = dict(handle.metadata() or {})
+    except (SafetensorError, OSError) as exc:
+        raise SlimtuneError(f"{file} is not a readable safetensors file ({exc})") from exc
+    meta.pop("format", None)
+    return meta
+
+
+def read_adapter_tensors(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """(tensors, header metadata) of an adapter directory; a corrupt file is a SlimtuneError."""
+    file = _weights_file(_adapter_dir(path))
+    try:
+        with safe_open(str(file), "pt") as handle:
+            meta = dict(handle.metadata() or {})
+            tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118
+    except (SafetensorError, OSError, RuntimeError, ValueError) as exc:
+        raise SlimtuneError(f"{file} is truncated or not a safetensors file ({exc})") from exc
+    meta.pop("format", None)
+    return tensors, meta
+
+
+def config_from_json(
+    config_type: type, data: dict[str, Any], known: set[str] | frozenset[str] = frozenset()
+) -> Any:
+    """Build a config dataclass from JSON fields.
+
+    Fields the dataclass lacks are dropped: silently when listed in `known` (fields the
+    writer's library has and slimtune does not use), with one warning line otherwise.
+    """
+    names = {f.name for f in fields(config_type)}
+    unknown = sorted(k for k in data if k not in names and k not in known and k != "peft_type")
+    if unknown:
+        warnings.warn(
+            f"adapter_config.json: ignoring unknown keys: {', '.join(unknown)}", stacklevel=3
+        )
+    kwargs = {k: v for k, v in data.items() if k in names}
+    try:
+        return config_type(**kwargs)
+    except TypeError as exc:
+        raise SlimtuneError(
+            f"adapter_config.json does not describe a {config_type.__name__}: {exc}"
+        ) from exc
+
+
+def load_adapter(
+    model: nn.Module, path: str | os.PathLike, adapter_name: str = "default"
+) -> nn.Module:
+    """Add the adapter stored in a PEFT (or slimtune) directory to `model`; returns the model.
+
+    The first adapter loaded becomes active; later ones are added inactive (set_adapter).
+    Shapes that do not fit the model are a SlimtuneError naming the module and both shapes.
+    """
+    config_json = read_adapter_config(path)
+    tensors, metadata = read_adapter_tensors(path)
+    fmt: AdapterFormat = format_for_json(config_json)
+    return fmt.load(model, adapter_name, config_json, tensors, metadata)
