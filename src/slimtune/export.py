@@ -1,0 +1,259 @@
+"""Use a fine-tuned model elsewhere: a merged transformers directory, a GGUF model, a GGUF LoRA.
+
+    adapter + base ──merge──► W = W0 + (alpha/r) B A ──┬─► safetensors directory (transformers, vLLM)
+                                                       └─► model.gguf + Modelfile (llama.cpp, Ollama)
+    adapter alone ─────────────────────────────────────────► adapter.gguf (llama.cpp --lora)
+
+Every file is written under a temporary name and renamed into place, so a failed export leaves
+nothing half-written, and nothing existing is replaced without `overwrite=True`. The GGUF writing
+itself (tensor names, rope permutation, Q8_0, tokenizer metadata) lives in `export_gguf.py`; the
+Ollama Modelfile in `export_ollama.py`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from slimtune import export_gguf as gg
+from slimtune.errors import SlimtuneError
+from slimtune.export_ollama import modelfile
+
+DEFAULT_SHARD_SIZE = "2GB"  # safetensors shards above this size
+
+
+def _say(line: str) -> None:
+    print(line, file=sys.stderr)
+
+
+# --- writing safely -----------------------------------------------------------------------
+
+
+def check_free(path: Path, overwrite: bool) -> None:
+    """Refuse an existing file or non-empty directory unless `overwrite`."""
+    taken = path.is_file() or (path.is_dir() and any(path.iterdir()))
+    if taken and not overwrite:
+        raise SlimtuneError(f"{path} already exists; pass --overwrite to replace it")
+
+
+@contextmanager
+def atomic_file(path: Path) -> Iterator[Path]:
+    """Yield a temporary path beside `path`; rename it into place when the block succeeds."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+@contextmanager
+def atomic_dir(path: Path) -> Iterator[Path]:
+    """Yield a temporary directory beside `path`; swap it into place when the block succeeds."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-"))
+    old = None
+    try:
+        yield tmp
+        if path.exists():
+            old = path.parent / f"{tmp.name}-old"
+            os.replace(path, old)
+        os.replace(tmp, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def gguf_paths(out: str | os.PathLike, default_name: str) -> Path:
+    """`--out x.gguf` is the file itself; any other `--out` is a directory to put it in."""
+    out = Path(out)
+    return out if out.suffix == ".gguf" else out / default_name
+
+
+# --- merged transformers directory --------------------------------------------------------
+
+
+def export_safetensors(
+    model,
+    tokenizer,
+    out: str | os.PathLike,
+    *,
+    overwrite: bool = False,
+    max_shard_size=DEFAULT_SHARD_SIZE,
+) -> Path:
+    """A plain transformers directory: sharded safetensors, config, generation config, tokenizer.
+
+    `model` must already be merged (a plain transformers model); the directory loads with
+    `AutoModelForCausalLM.from_pretrained(out)` with no slimtune installed.
+    """
+    out = Path(out)
+    check_free(out, overwrite)
+    with atomic_dir(out) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True, max_shard_size=max_shard_size)
+        tokenizer.save_pretrained(tmp)
+    return out
+
+
+# --- GGUF model ---------------------------------------------------------------------------
+
+
+def write_gguf(
+    model,
+    tokenizer,
+    path: Path,
+    *,
+    dtype: str = "f16",
+    source_gguf: Path | None = None,
+    say: Callable[[str], None] = _say,
+) -> None:
+    """Write `model` (a plain Llama-family transformers model) as one GGUF file at `path`."""
+    from gguf import GGUFWriter
+
+    if dtype not in gg.DTYPES:
+        raise SlimtuneError(f"GGUF dtype {dtype!r} is not one of {', '.join(gg.DTYPES)}")
+    config = model.config
+    arch, _ = gg.gguf_architecture(config)
+    writer = GGUFWriter(path, arch)
+    writer.add_type("model")
+    writer.add_name(Path(getattr(config, "_name_or_path", "") or "model").name or "model")
+    writer.add_file_type(gg.file_type(dtype))
+    writer.add_quantization_version(2)
+    gg.add_hyperparameters(writer, config)
+    n_vocab = model.get_input_embeddings().weight.shape[0]
+    if source_gguf is not None:
+        gg.copy_tokenizer_fields(writer, source_gguf)
+    else:
+        gg.add_tokenizer(writer, tokenizer, n_vocab, say)
+    gg.add_tensors(writer, gg.model_tensors(model.state_dict(), config), dtype, say)
+    _finish(writer)
+
+
+def _finish(writer) -> None:
+    try:
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+    finally:
+        writer.close()
+
+
+def export_gguf(
+    model,
+    tokenizer,
+    out: str | os.PathLike,
+    *,
+    dtype: str = "f16",
+    overwrite: bool = False,
+    source_gguf: str | os.PathLike | None = None,
+    say: Callable[[str], None] = _say,
+) -> Path:
+    """Write `out` (a .gguf path, or a directory for model.gguf) and an Ollama Modelfile beside it.
+
+    Args:
+        model: a plain (merged) Llama or Qwen2 transformers model.
+        tokenizer: its tokenizer (byte-level BPE); ignored when `source_gguf` is given.
+        dtype: f32, f16, bf16 or q8_0 for the 2-D weights (1-D norms and biases stay f32).
+        source_gguf: the GGUF the model was loaded from; its tokenizer metadata is copied verbatim.
+        say: where the one-line notes go (a q8_0 fallback, an unknown chat template).
+
+    Returns:
+        The path of the GGUF file.
+    """
+    path = gguf_paths(out, "model.gguf")
+    model_file = path.parent / "Modelfile"
+    for target in (path, model_file):
+        check_free(target, overwrite)
+    with atomic_file(path) as tmp:
+        write_gguf(model, tokenizer, tmp, dtype=dtype, say=say, source_gguf=source_gguf)
+    text = modelfile(f"./{path.name}", _chat_template(path), _eos_token(path), say)
+    with atomic_file(model_file) as tmp:
+        tmp.write_text(text)
+    return path
+
+
+def _gguf_string(path: Path, key: str) -> str | None:
+    from gguf import GGUFReader
+
+    field = GGUFReader(path).fields.get(key)
+    return None if field is None else field.contents()
+
+
+def _chat_template(path: Path) -> str | None:
+    return _gguf_string(path, "tokenizer.chat_template")
+
+
+def _eos_token(path: Path) -> str | None:
+    from gguf import GGUFReader
+
+    fields = GGUFReader(path).fields
+    if "tokenizer.ggml.eos_token_id" not in fields:
+        return None
+    return fields["tokenizer.ggml.tokens"].contents(
+        fields["tokenizer.ggml.eos_token_id"].contents()
+    )
+
+
+# --- GGUF LoRA adapter --------------------------------------------------------------------
+
+
+def read_peft_lora(adapter_dir: str | os.PathLike) -> tuple[dict, dict]:
+    """(adapter_config, tensors) of a PEFT LoRA directory, safetensors only."""
+    from safetensors.torch import load_file
+
+    adapter_dir = Path(adapter_dir)
+    config_file = adapter_dir / "adapter_config.json"
+    weights = adapter_dir / "adapter_model.safetensors"
+    if not config_file.is_file() or not weights.is_file():
+        raise SlimtuneError(
+            f"adapter {adapter_dir} needs adapter_config.json and adapter_model.safetensors"
+        )
+    adapter_config = json.loads(config_file.read_text())
+    if adapter_config.get("peft_type", "LORA") != "LORA" or adapter_config.get("use_dora"):
+        kind = "DORA" if adapter_config.get("use_dora") else adapter_config.get("peft_type")
+        raise SlimtuneError(f"gguf-lora needs a LoRA adapter; {adapter_dir} holds a {kind} adapter")
+    return adapter_config, load_file(weights)
+
+
+def export_gguf_lora(
+    adapter_dir: str | os.PathLike,
+    config,
+    out: str | os.PathLike,
+    *,
+    dtype: str = "f16",
+    overwrite: bool = False,
+    say: Callable[[str], None] = _say,
+) -> Path:
+    """The adapter alone as a llama.cpp LoRA GGUF (`llama-cli -m base.gguf --lora out`).
+
+    Args:
+        adapter_dir: a PEFT LoRA directory (what slimtune and PEFT save).
+        config: the base model's transformers config (architecture, head counts).
+        out: a .gguf path, or a directory for adapter.gguf.
+        dtype: f32, f16, bf16 or q8_0 for the A and B matrices.
+    """
+    from gguf import GGUFWriter
+
+    path = gguf_paths(out, "adapter.gguf")
+    check_free(path, overwrite)
+    adapter_config, tensors = read_peft_lora(adapter_dir)
+    alpha, lora = gg.lora_tensors(tensors, adapter_config, config)
+    arch, _ = gg.gguf_architecture(config)
+    with atomic_file(path) as tmp:
+        writer = GGUFWriter(tmp, arch)
+        writer.add_type("adapter")
+        writer.add_string("adapter.type", "lora")
+        writer.add_float32("adapter.lora.alpha", alpha)
+        writer.add_file_type(gg.file_type(dtype))
+        gg.add_tensors(writer, iter(lora), dtype, say)
+        _finish(writer)
+    return path
