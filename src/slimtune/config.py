@@ -148,3 +148,60 @@ class IA3Config:
         targets, ff = self.target_modules, self.feedforward_modules
         if isinstance(targets, list) and isinstance(ff, list) and not set(ff) <= set(targets):
             raise _fail(name, "feedforward_modules", ff, f"a subset of target_modules {targets}")
+
+
+SCHEDULES = ("linear", "cosine", "constant")
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+    """The training loop: AdamW, a warmup + decay schedule, clipping, accumulation, checkpoints."""
+
+    max_steps: int = 100  # optimizer steps (each one batch_size · grad_accum rows)
+    batch_size: int = 4  # rows per micro-batch
+    grad_accum: int = 1  # micro-batches per optimizer step
+    max_length: int = 512  # tokens per row; longer rows are cut (.txt files are packed to it)
+    lr: float = 2e-4  # peak learning rate
+    schedule: Literal["linear", "cosine", "constant"] = "cosine"  # decay after warmup, to 0
+    warmup_steps: int = 0  # steps of linear warmup from 0 to lr
+    weight_decay: float = 0.0  # AdamW's decoupled weight decay
+    adam_beta1: float = 0.9  # AdamW's first-moment decay
+    adam_beta2: float = 0.999  # AdamW's second-moment decay
+    adam_eps: float = 1e-8  # AdamW's epsilon
+    max_grad_norm: float = 1.0  # clip the global gradient norm to this (0: no clipping)
+    seed: int = 0  # fixes data order, adapter init and dropout
+    save_every: int = 50  # checkpoint every this many steps (0: only the final adapter)
+    keep_checkpoints: int = 2  # how many of the latest checkpoints stay on disk
+    log_every: int = 1  # append a line to metrics.jsonl every this many steps
+    eval_every: int = 0  # evaluate the eval data every this many steps (0: at the end only)
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: fp32 on CPU, bf16 autocast on GPU
+    device: str | None = None  # "cpu", "cuda", "cuda:1"; None: CUDA when there is one
+    loss_chunk: int = 1024  # positions per chunk of the output layer in the loss
+    group_by_length: bool = True  # batch rows of similar length together (less padding)
+
+    def __post_init__(self) -> None:
+        name = type(self).__name__
+        for key in ("max_steps", "batch_size", "grad_accum", "max_length", "keep_checkpoints",
+                    "log_every", "loss_chunk"):  # fmt: skip
+            value = getattr(self, key)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise _fail(name, key, value, "an integer > 0")
+        for key in ("warmup_steps", "save_every", "eval_every", "seed"):
+            value = getattr(self, key)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise _fail(name, key, value, "an integer >= 0")
+        if not isinstance(self.lr, int | float) or not 0.0 < self.lr <= 1.0:
+            raise _fail(name, "lr", self.lr, "a number in (0, 1]")
+        if self.schedule not in SCHEDULES:
+            raise _fail(name, "schedule", self.schedule, "'linear', 'cosine' or 'constant'")
+        if self.precision not in PRECISIONS:
+            raise _fail(name, "precision", self.precision, "'auto', 'fp32' or 'bf16'")
+        for key in ("adam_beta1", "adam_beta2"):
+            if not 0.0 <= float(getattr(self, key)) < 1.0:
+                raise _fail(name, key, getattr(self, key), "a number in [0, 1)")
+        if float(self.adam_eps) <= 0:
+            raise _fail(name, "adam_eps", self.adam_eps, "a number > 0")
+        if float(self.weight_decay) < 0 or float(self.max_grad_norm) < 0:
+            key = "weight_decay" if float(self.weight_decay) < 0 else "max_grad_norm"
+            raise _fail(name, key, getattr(self, key), "a number >= 0")
