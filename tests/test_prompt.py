@@ -122,3 +122,22 @@ def test_bad_input():
     config = {"num_virtual_tokens": 2, "token_dim": 48}
     with pytest.raises(SlimtuneError, match="token_dim=48.*hidden size 32"):
         load_prompt_tuning(tiny_llama(), config, {"prompt_embeddings": torch.zeros(2, 48)})
+
+
+def test_save_and_load_through_the_public_api(tmp_path):
+    import slimtune as st
+
+    model = st.add_adapter(tiny_llama(), PromptTuningConfig(num_virtual_tokens=4))
+    with torch.no_grad():
+        model.prompt_embeddings.normal_()
+    st.save_adapter(model, tmp_path / "a")
+    config = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
+    assert config["peft_type"] == "PROMPT_TUNING" and config["token_dim"] == 32
+    loaded = st.load_adapter(tiny_llama(), tmp_path / "a").eval()
+    peft_model = PeftModel.from_pretrained(tiny_llama(), tmp_path / "a").eval()
+    ids = torch.randint(3, 64, (1, 6))
+    with torch.no_grad():
+        torch.testing.assert_close(
+            loaded(input_ids=ids).logits, peft_model(input_ids=ids).logits[:, 4:], rtol=0, atol=0
+        )
+    assert st.trainable_parameters(loaded)[0] == 4 * 32

@@ -229,7 +229,9 @@ def active_adapter(model: nn.Module) -> str | None:
 
 def adapter_layers(model: nn.Module) -> Iterator[AdapterLayer]:
     for module in model.modules():
-        if isinstance(module, AdapterLayer) and module is not model:
+        # a transformers model has set_adapter & co. too (its own PEFT mixin): never a layer here
+        from_transformers = type(module).__module__.startswith("transformers.")
+        if isinstance(module, AdapterLayer) and module is not model and not from_transformers:
             yield module
 
 

@@ -25,6 +25,7 @@ deviation of the word embeddings, so the prompt starts on the scale of real toke
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -252,10 +253,10 @@ def config_from_peft(config_dict: dict[str, Any]) -> PromptTuningConfig:
     )
 
 
-def load_prompt_tuning(
+def check_prompt_state(
     model: nn.Module, config_dict: dict[str, Any], state: dict[str, Tensor]
-) -> PromptTuningModel:
-    """Wrap a model with a soft prompt read from a PEFT (or slimtune) directory.
+) -> tuple[PromptTuningConfig, Tensor]:
+    """The config and (n, d) prompt of a PEFT (or slimtune) file, checked against the model.
 
     Raises:
         SlimtuneError: when token_dim or the stored tensor's width differs from the
@@ -277,7 +278,54 @@ def load_prompt_tuning(
             f"prompt_embeddings has {prompt.shape[0]} rows but num_virtual_tokens={n}"
         )
     config = config_from_peft({**config_dict, "num_virtual_tokens": prompt.shape[0]})
+    return config, prompt
+
+
+def load_prompt_tuning(
+    model: nn.Module, config_dict: dict[str, Any], state: dict[str, Tensor]
+) -> PromptTuningModel:
+    """Wrap a model with a soft prompt read from a PEFT (or slimtune) adapter file."""
+    config, prompt = check_prompt_state(model, config_dict, state)
     for param in model.parameters():
         param.requires_grad_(False)
     weight = model.get_input_embeddings().weight
     return PromptTuningModel(model, prompt.to(weight.device), config)
+
+
+# ----------------------------------------------------------------------------- registry
+
+
+def _add(model: nn.Module, config: PromptTuningConfig, adapter_name: str) -> nn.Module:
+    if isinstance(model, PromptTuningModel) or getattr(model, "_slimtune_adapters", None):
+        raise SlimtuneError("prompt tuning takes one adapter on a model that carries no other")
+    if config.prompt_tuning_init == "TEXT" and config.tokenizer_name_or_path is None:
+        source = getattr(getattr(model, "config", None), "_name_or_path", None)
+        config = replace(config, tokenizer_name_or_path=source or None)
+    return add_prompt_tuning(model, config)
+
+
+def _export(model: nn.Module, adapter_name: str, config: Any):
+    fields = {k: v for k, v in peft_config_dict(model).items() if k != "peft_type"}
+    return prompt_state_dict(model), fields, {}
+
+
+def _load(model: nn.Module, adapter_name: str, config_json, tensors, metadata) -> nn.Module:
+    from slimtune.inject import add_adapter
+
+    config, prompt = check_prompt_state(model, config_json, tensors)
+    model = add_adapter(model, replace(config, prompt_tuning_init="RANDOM"), adapter_name)
+    with torch.no_grad():
+        model.prompt_embeddings.copy_(prompt)
+    model.prompt_config = config  # as the file says (its init already happened)
+    model.__dict__["_slimtune_adapters"][adapter_name] = config
+    return model
+
+
+def _register() -> None:
+    from slimtune.inject import AdapterFormat, register_format, register_method
+
+    register_method(PromptTuningConfig, _add)
+    register_format(AdapterFormat("PROMPT_TUNING", PromptTuningConfig, _export, _load))
+
+
+_register()
