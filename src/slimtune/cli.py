@@ -43,7 +43,9 @@ def _train_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resume", action="store_true")
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--quiet", action="store_true")
-    p.add_argument("--config", default=None, help="YAML file of training options; flags override it")
+    p.add_argument(
+        "--config", default=None, help="YAML file of training options; flags override it"
+    )
     p.add_argument("--nproc", type=int, default=None, help="start torchrun with N processes")
 
 
@@ -85,7 +87,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--adapter", default=None)
     p.add_argument("--format", choices=("safetensors", "gguf", "gguf-lora"), required=True)
     p.add_argument("--out", required=True)
-    p.add_argument("--dtype", choices=("f32", "f16", "bf16", "q8_0"), default="f16")
+    p.add_argument(
+        "--dtype",
+        choices=("f32", "f16", "bf16", "q8_0"),
+        default=None,
+        help="GGUF: f16 by default; safetensors: the source's dtype by default",
+    )
     p.add_argument("--overwrite", action="store_true")
 
     p = sub.add_parser("compare", help="train several methods side by side and write a report")

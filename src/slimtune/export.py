@@ -12,7 +12,6 @@ Ollama Modelfile in `export_ollama.py`.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import sys
@@ -78,6 +77,16 @@ def gguf_paths(out: str | os.PathLike, default_name: str) -> Path:
     """`--out x.gguf` is the file itself; any other `--out` is a directory to put it in."""
     out = Path(out)
     return out if out.suffix == ".gguf" else out / default_name
+
+
+def output_paths(fmt: str, out: str | os.PathLike) -> list[Path]:
+    """Every path an export of format `fmt` to `out` writes (to check before any work)."""
+    if fmt == "safetensors":
+        return [Path(out)]
+    if fmt == "gguf":
+        path = gguf_paths(out, "model.gguf")
+        return [path, path.parent / "Modelfile"]
+    return [gguf_paths(out, "adapter.gguf")]
 
 
 # --- merged transformers directory --------------------------------------------------------
@@ -207,21 +216,15 @@ def _eos_token(path: Path) -> str | None:
 
 
 def read_peft_lora(adapter_dir: str | os.PathLike) -> tuple[dict, dict]:
-    """(adapter_config, tensors) of a PEFT LoRA directory, safetensors only."""
-    from safetensors.torch import load_file
+    """(adapter_config, tensors) of a PEFT LoRA directory (safetensors only)."""
+    from slimtune.io import read_adapter_config, read_adapter_tensors
 
-    adapter_dir = Path(adapter_dir)
-    config_file = adapter_dir / "adapter_config.json"
-    weights = adapter_dir / "adapter_model.safetensors"
-    if not config_file.is_file() or not weights.is_file():
-        raise SlimtuneError(
-            f"adapter {adapter_dir} needs adapter_config.json and adapter_model.safetensors"
-        )
-    adapter_config = json.loads(config_file.read_text())
-    if adapter_config.get("peft_type", "LORA") != "LORA" or adapter_config.get("use_dora"):
-        kind = "DORA" if adapter_config.get("use_dora") else adapter_config.get("peft_type")
+    adapter_config = read_adapter_config(adapter_dir)
+    kind = "DORA" if adapter_config.get("use_dora") else adapter_config.get("peft_type", "LORA")
+    if kind != "LORA":
         raise SlimtuneError(f"gguf-lora needs a LoRA adapter; {adapter_dir} holds a {kind} adapter")
-    return adapter_config, load_file(weights)
+    tensors, _ = read_adapter_tensors(adapter_dir)
+    return adapter_config, tensors
 
 
 def export_gguf_lora(

@@ -1,0 +1,100 @@
+"""`slimtune export`: the merged model as safetensors or GGUF, or the adapter as a GGUF LoRA.
+
+slimtune export --model M --adapter RUN/adapter --format safetensors --out merged/
+slimtune export --model M --adapter RUN/adapter --format gguf --dtype q8_0 --out model.gguf
+slimtune export --model M --adapter RUN/adapter --format gguf-lora --out adapter.gguf
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+
+from slimtune.errors import SlimtuneError
+from slimtune.export import (
+    check_free,
+    export_gguf,
+    export_gguf_lora,
+    export_safetensors,
+    output_paths,
+)
+
+SAFETENSORS_DTYPES = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
+
+
+def merged_model(model_spec: str, adapter: str | None):
+    """(plain transformers model in fp32, tokenizer) with the adapter merged in, if any."""
+    from transformers import AutoTokenizer
+
+    from slimtune.models import load_model, model_directory
+
+    model, _ = load_model(model_spec, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(model_directory(model_spec))  # as the source has it
+    if adapter is not None:
+        from slimtune.inject import merge_and_unload
+        from slimtune.io import load_adapter
+
+        model = merge_and_unload(load_adapter(model, adapter))
+    return model, tokenizer
+
+
+def _source_gguf(model_spec: str) -> Path | None:
+    from slimtune.models import resolve_model_path
+
+    path = resolve_model_path(model_spec)
+    return path if path.suffix == ".gguf" else None
+
+
+def _safetensors_dtype(args: argparse.Namespace) -> torch.dtype:
+    """--dtype if given, else the dtype the source checkpoint was stored in."""
+    if args.dtype is None:
+        import json
+
+        from slimtune.models import model_directory
+
+        config = json.loads((model_directory(args.model) / "config.json").read_text())
+        stored = config.get("dtype") or config.get("torch_dtype") or "float32"
+        return (
+            getattr(torch, stored)
+            if stored in ("float32", "float16", "bfloat16")
+            else torch.float32
+        )
+    if args.dtype not in SAFETENSORS_DTYPES:
+        raise SlimtuneError(
+            f"--dtype {args.dtype} is for GGUF; safetensors takes {', '.join(SAFETENSORS_DTYPES)}"
+        )
+    return SAFETENSORS_DTYPES[args.dtype]
+
+
+def run(args: argparse.Namespace) -> int:
+    for path in output_paths(args.format, args.out):
+        check_free(path, args.overwrite)
+    if args.format == "gguf-lora":
+        from transformers import AutoConfig
+
+        from slimtune.models import model_directory
+
+        if args.adapter is None:
+            raise SlimtuneError("--format gguf-lora exports an adapter: give --adapter DIR")
+        config = AutoConfig.from_pretrained(model_directory(args.model))
+        path = export_gguf_lora(
+            args.adapter, config, args.out, dtype=args.dtype or "f16", overwrite=args.overwrite
+        )
+    elif args.format == "gguf":
+        model, tokenizer = merged_model(args.model, args.adapter)
+        path = export_gguf(
+            model,
+            tokenizer,
+            args.out,
+            dtype=args.dtype or "f16",
+            overwrite=args.overwrite,
+            source_gguf=_source_gguf(args.model),
+        )
+    else:
+        model, tokenizer = merged_model(args.model, args.adapter)
+        model.to(_safetensors_dtype(args))
+        path = export_safetensors(model, tokenizer, args.out, overwrite=args.overwrite)
+    print(f"wrote {path}")
+    return 0
