@@ -1,0 +1,87 @@
+"""Activation checkpointing per decoder layer, with optional offload to CPU memory.
+
+Training Deep Nets with Sublinear Memory Cost, Chen et al. 2016, arXiv:1604.06174.
+Only each layer's input is kept; backward runs the layer again, under the same random
+state, and back-propagates through that recomputation:
+
+    forward:   h_{l+1} = layer_l(h_l)      (no graph kept; h_l saved, or copied to CPU)
+    backward:  h_l (back on the GPU) ──► layer_l again, with grad ──► ∂/∂h_l, ∂/∂adapters
+
+With `offload=True` the saved inputs go to pinned CPU memory (asynchronously), so the
+GPU holds one layer's activations at a time instead of one input per layer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor, nn
+
+
+def _rng_state(device: torch.device) -> tuple[Tensor, Tensor | None]:
+    cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+    return torch.get_rng_state(), cuda
+
+
+class _Checkpoint(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, run: Callable[[Tensor], Tensor], offload: bool, hidden: Tensor):
+        ctx.run, ctx.device = run, hidden.device
+        ctx.rng = _rng_state(hidden.device)
+        if offload and hidden.is_cuda:
+            saved = torch.empty(hidden.shape, dtype=hidden.dtype, pin_memory=True)
+            saved.copy_(hidden, non_blocking=True)
+            ctx.cpu_hidden = saved
+        else:
+            ctx.cpu_hidden = None
+            ctx.save_for_backward(hidden)
+        with torch.no_grad():
+            return run(hidden)
+
+    @staticmethod
+    def backward(ctx, grad):
+        if ctx.cpu_hidden is not None:
+            hidden = ctx.cpu_hidden.to(ctx.device, non_blocking=True)
+        else:
+            (hidden,) = ctx.saved_tensors
+        hidden = hidden.detach().requires_grad_(True)
+        cpu_state, cuda_state = ctx.rng
+        devices = [ctx.device] if cuda_state is not None else []
+        with torch.random.fork_rng(devices=devices), torch.enable_grad():
+            torch.set_rng_state(cpu_state)
+            if cuda_state is not None:
+                torch.cuda.set_rng_state(cuda_state, ctx.device)
+            out = ctx.run(hidden)
+        torch.autograd.backward(out, grad)
+        return None, None, hidden.grad
+
+
+def checkpoint(run: Callable[..., Tensor], hidden: Tensor, *args, offload: bool = False) -> Tensor:
+    """`run(hidden, *args)` with only `hidden` kept for backward (other args are constants).
+
+    The signature matches transformers' `_gradient_checkpointing_func(fn, *args)`.
+    """
+    return _Checkpoint.apply(lambda h: run(h, *args), offload, hidden)
+
+
+def enable_checkpointing(model: nn.Module, offload: bool = False) -> int:
+    """Checkpoint every transformers decoder layer of `model`; returns how many.
+
+    Uses transformers' GradientCheckpointingLayer hook (each layer calls
+    `_gradient_checkpointing_func(forward, hidden_states)` when enabled and training).
+    """
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    def func(run, hidden, *args):
+        return checkpoint(run, hidden, *args, offload=offload)
+
+    count = 0
+    for module in model.modules():
+        if isinstance(module, GradientCheckpointingLayer):
+            module.gradient_checkpointing = True
+            module._gradient_checkpointing_func = func
+            count += 1
+    if hasattr(model, "config"):
+        model.config.use_cache = False
+    return count

@@ -1,0 +1,127 @@
+"""Fused LoRA / QLoRA linear layers: one autograd function for base + adapter.
+
+LoRA, Hu et al. 2021, arXiv:2106.09685; QLoRA, Dettmers et al. 2023, arXiv:2305.14314.
+
+    x ──► W0 (frozen; bf16, or NF4 dequantized on the fly) ──► y = x W0ᵀ (+ bias)
+    │                                                          │ addmm, in place
+    └─► x Aᵀ (T, r) ──────────────► (x Aᵀ) Bᵀ · s ─────────────► y
+
+    forward:   y  = x W0ᵀ + s · (x Aᵀ) Bᵀ
+    backward:  gB = g B                                    (T, r)
+               dx = g W0 + s · gB A                        one buffer, addmm in place
+               dA = s · gBᵀ x,   dB = s · gᵀ (x Aᵀ)
+
+What is saved for backward: x (shared with the sibling projections that read the same
+input), the small x Aᵀ, A and B. The frozen weight is not saved: a bf16 weight is a
+parameter already held by the model, and a 4-bit one is dequantized again in backward,
+so at most one dequantized weight exists at a time. Adapters stay in the activation
+dtype (no fp32 upcast); their gradients are returned in the adapters' own dtype.
+
+`use_fast(x)` is the registry's rule (CUDA tensor and Triton importable, unless
+SLIMTUNE_KERNELS=0); callers keep their plain PyTorch path as the reference elsewhere.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+from slimtune.quant.nf4 import QuantState4bit
+from slimtune.quant.triton import dequantize, kernels_enabled
+
+WeightFn = Callable[[], Tensor]  # returns the frozen weight (out, in) in the compute dtype
+
+
+def use_fast(x: Tensor) -> bool:
+    """True where the fused path should run: CUDA tensors with Triton available."""
+    return kernels_enabled(x)
+
+
+def _weight_fn(weight: Tensor | QuantState4bit, dtype: torch.dtype) -> WeightFn:
+    """A zero-argument function giving the frozen weight in `dtype`."""
+    if isinstance(weight, QuantState4bit):
+        return lambda: dequantize(weight, dtype)
+    return lambda: weight if weight.dtype == dtype else weight.to(dtype)
+
+
+class _FusedLoraLinear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, a, b, bias, weight_fn: WeightFn, scaling: float):
+        x2 = x.reshape(-1, x.shape[-1])  # (T, in)
+        w = weight_fn()  # (out, in)
+        y = torch.mm(x2, w.t()) if bias is None else torch.addmm(bias.to(x.dtype), x2, w.t())
+        del w
+        a_, b_ = a.to(x.dtype), b.to(x.dtype)
+        xa = torch.mm(x2, a_.t())  # (T, r)
+        y.addmm_(xa, b_.t(), alpha=scaling)  # (T, out)
+        ctx.save_for_backward(x, a, b, xa)
+        ctx.weight_fn, ctx.scaling, ctx.has_bias = weight_fn, scaling, bias is not None
+        return y.view(*x.shape[:-1], y.shape[-1])
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, a, b, xa = ctx.saved_tensors
+        s = ctx.scaling
+        x2 = x.reshape(-1, x.shape[-1])  # (T, in)
+        g = grad.reshape(-1, grad.shape[-1]).to(x.dtype)  # (T, out)
+        a_, b_ = a.to(x.dtype), b.to(x.dtype)
+        gb = torch.mm(g, b_)  # (T, r)
+        dx = None
+        if ctx.needs_input_grad[0]:
+            w = ctx.weight_fn()  # dequantized again: never saved
+            dx = torch.mm(g, w)  # (T, in)
+            del w
+            dx.addmm_(gb, a_, alpha=s)
+            dx = dx.view(x.shape)
+        da = torch.mm(gb.t(), x2).mul_(s) if ctx.needs_input_grad[1] else None  # (r, in)
+        db = torch.mm(g.t(), xa).mul_(s) if ctx.needs_input_grad[2] else None  # (out, r)
+        dbias = g.sum(0) if ctx.has_bias and ctx.needs_input_grad[3] else None
+        da = da.to(a.dtype) if da is not None else None
+        db = db.to(b.dtype) if db is not None else None
+        return dx, da, db, dbias, None, None
+
+
+class _FrozenLinear(torch.autograd.Function):
+    """y = x Wᵀ (+ bias) with W rebuilt in backward instead of saved (QuantLinear's path)."""
+
+    @staticmethod
+    def forward(ctx, x, bias, weight_fn: WeightFn):
+        w = weight_fn()
+        y = torch.nn.functional.linear(x, w, None if bias is None else bias.to(x.dtype))
+        ctx.weight_fn, ctx.has_bias = weight_fn, bias is not None
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        dx = torch.matmul(grad, ctx.weight_fn()) if ctx.needs_input_grad[0] else None
+        dbias = None
+        if ctx.has_bias and ctx.needs_input_grad[1]:
+            dbias = grad.reshape(-1, grad.shape[-1]).sum(0)
+        return dx, dbias, None
+
+
+def lora_linear(
+    x: Tensor,
+    weight: Tensor | QuantState4bit,
+    bias: Tensor | None,
+    lora_a: Tensor,
+    lora_b: Tensor,
+    scaling: float,
+) -> Tensor:
+    """y = x W0ᵀ + bias + scaling · (x Aᵀ) Bᵀ, fused forward and backward.
+
+    Args:
+        x: (..., in) activations; the computation runs in x.dtype.
+        weight: the frozen W0 (out, in), or its 4-bit QuantState4bit.
+        bias: optional (out,) bias (frozen or trainable).
+        lora_a: A (r, in).   lora_b: B (out, r).
+        scaling: alpha / r (or alpha / sqrt(r) with rsLoRA).
+    """
+    return _FusedLoraLinear.apply(x, lora_a, lora_b, bias, _weight_fn(weight, x.dtype), scaling)
+
+
+def frozen_linear(x: Tensor, weight: Tensor | QuantState4bit, bias: Tensor | None = None) -> Tensor:
+    """y = x W0ᵀ + bias for a frozen (e.g. 4-bit) W0 that is rebuilt, not saved, for backward."""
+    return _FrozenLinear.apply(x, bias, _weight_fn(weight, x.dtype))
