@@ -180,14 +180,11 @@ def encode_tensor(tensor: Tensor, dtype: str) -> Encoded:
 
 def add_tensors(writer, tensors: Iterator[tuple[str, Tensor]], dtype: str, say: Callable) -> None:
     """Encode and queue every tensor; one line names those q8_0 could not take."""
-    from gguf import GGMLQuantizationType as T
-
     fell_back = []
     for name, tensor in tensors:
         enc = encode_tensor(tensor, dtype)
         fell_back += [name] if enc.fell_back else []
-        shape = tuple(tensor.shape) if enc.ggml_type in (T.Q8_0, T.BF16) else None
-        writer.add_tensor(name, enc.data, raw_shape=shape, raw_dtype=enc.ggml_type)
+        writer.add_tensor(name, enc.data, raw_dtype=enc.ggml_type)  # Q8_0: shape from bytes
     if fell_back:
         shown = ", ".join(fell_back[:4]) + (", …" if len(fell_back) > 4 else "")
         say(
