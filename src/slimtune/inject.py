@@ -25,17 +25,18 @@ Modules that carry named adapters implement `AdapterLayer` (set_adapter, delete_
 enable_adapters); those that can merge also implement `MergeableLayer` (merge, unmerge,
 unload). Then `set_adapter`, `delete_adapter`, `disable_adapter`, `merge`, `unmerge` and
 `merge_and_unload` below work on them without knowing the method. Helpers for methods:
-`find_targets`, `replace_module`, `freeze_all`, `wrap_modules_to_save`.
+`find_targets`, `replace_module`, `freeze_all`, `wrap_modules_to_save`, `config_from_json`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import importlib
 import re
+import warnings
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
 from torch import Tensor, nn
@@ -48,6 +49,7 @@ _METHODS: dict[tuple[type, str | None], AddFn] = {}
 # modules that register methods when imported; loaded on the first lookup that misses
 PLUGIN_MODULES = (
     "slimtune.lora_inject",
+    "slimtune.lora_format",
     "slimtune.prompt",
     "slimtune.bottleneck",
     "slimtune.dora",
@@ -100,7 +102,7 @@ ExportFn = Callable[[nn.Module, str, Any], tuple[dict[str, Tensor], dict[str, An
 ImportFn = Callable[[nn.Module, str, dict[str, Any], dict[str, Tensor], dict[str, str]], nn.Module]
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class AdapterFormat:
     """How one method's adapter becomes files and back (pure: tensors and dicts, no I/O).
 
@@ -167,6 +169,32 @@ def format_for_json(config_json: dict[str, Any]) -> AdapterFormat:
     return found
 
 
+PEFT_PREFIX = "base_model.model."  # key prefix of PEFT's adapter files
+
+
+def config_from_json(
+    config_type: type, data: dict[str, Any], known: set[str] | frozenset[str] = frozenset()
+) -> Any:
+    """Build a config dataclass from adapter_config.json fields.
+
+    Fields the dataclass lacks are dropped: silently when listed in `known` (fields the
+    writer's library has and slimtune does not use), with one warning line otherwise.
+    """
+    names = {f.name for f in dataclasses.fields(config_type)}
+    unknown = sorted(k for k in data if k not in names and k not in known and k != "peft_type")
+    if unknown:
+        warnings.warn(
+            f"adapter_config.json: ignoring unknown keys: {', '.join(unknown)}", stacklevel=3
+        )
+    kwargs = {k: v for k, v in data.items() if k in names}
+    try:
+        return config_type(**kwargs)
+    except TypeError as exc:
+        raise SlimtuneError(
+            f"adapter_config.json does not describe a {config_type.__name__}: {exc}"
+        ) from exc
+
+
 def _import_plugins() -> None:
     for name in PLUGIN_MODULES:
         try:
@@ -227,11 +255,20 @@ def active_adapter(model: nn.Module) -> str | None:
     return model.__dict__.get(_ACTIVE_ATTR)
 
 
+def is_adapter_layer(module: nn.Module) -> bool:
+    """True for a module implementing AdapterLayer (transformers models, whose PEFT mixin
+    has set_adapter & co. too, are never adapter layers here)."""
+    from_transformers = type(module).__module__.startswith("transformers.")
+    return isinstance(module, AdapterLayer) and not from_transformers
+
+
+def is_mergeable(module: nn.Module) -> bool:
+    return is_adapter_layer(module) and isinstance(module, MergeableLayer)
+
+
 def adapter_layers(model: nn.Module) -> Iterator[AdapterLayer]:
     for module in model.modules():
-        # a transformers model has set_adapter & co. too (its own PEFT mixin): never a layer here
-        from_transformers = type(module).__module__.startswith("transformers.")
-        if isinstance(module, AdapterLayer) and module is not model and not from_transformers:
+        if module is not model and is_adapter_layer(module):
             yield module
 
 
@@ -279,7 +316,10 @@ def is_target(config: Any, name: str, targets: list[str] | set[str] | str) -> bo
 
 
 def _is_linear(module: nn.Module) -> bool:
-    return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
+    """nn.Linear, Conv1D, a frozen quantized linear, or an adapter layer wrapping one."""
+    module = getattr(module, "base_layer", module)
+    linear = isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
+    return linear or hasattr(module, "dequantize_weight")
 
 
 def _head_names(model: nn.Module, config: Any) -> set[str]:
@@ -308,14 +348,22 @@ def resolve_targets(model: nn.Module, config: Any) -> list[str] | set[str] | str
     return targets
 
 
-def find_targets(model: nn.Module, config: Any, kinds: tuple[type, ...] | None = None) -> list[str]:
-    """Full names of the modules `config` selects; a SlimtuneError when nothing matches."""
+def find_targets(model: nn.Module, config: Any) -> list[str]:
+    """Full names of the modules `config` selects; a SlimtuneError when nothing matches.
+
+    An adapter layer already in place is a target itself (a second adapter joins it);
+    the modules inside it (base_layer, lora_A, …) never are.
+    """
     targets = resolve_targets(model, config)
-    names = [
-        name
-        for name, module in model.named_modules()
-        if name and is_target(config, name, targets) and not isinstance(module, AdapterLayer)
-    ]
+    inside: list[str] = []
+    names = []
+    for name, module in model.named_modules():
+        if not name or any(name.startswith(p) for p in inside):
+            continue
+        if is_adapter_layer(module):
+            inside.append(f"{name}.")
+        if is_target(config, name, targets):
+            names.append(name)
     if not names:
         leaves = dict.fromkeys(
             n.rsplit(".", 1)[-1] for n, m in model.named_modules() if n and not list(m.children())
@@ -481,13 +529,9 @@ def wrap_modules_to_save(
 
 
 def _mergeable(model: nn.Module) -> list[tuple[str, MergeableLayer]]:
-    layers = [
-        (n, m) for n, m in model.named_modules() if isinstance(m, MergeableLayer) and m is not model
-    ]
+    layers = [(n, m) for n, m in model.named_modules() if is_mergeable(m) and m is not model]
     unmergeable = [
-        n
-        for n, m in model.named_modules()
-        if isinstance(m, AdapterLayer) and not isinstance(m, MergeableLayer)
+        n for n, m in model.named_modules() if is_adapter_layer(m) and not is_mergeable(m)
     ]
     if unmergeable:
         raise SlimtuneError(
@@ -523,6 +567,19 @@ def merge_and_unload(model: nn.Module, adapter_names: list[str] | None = None) -
     model.__dict__.pop(_CONFIGS_ATTR, None)
     model.__dict__.pop(_ACTIVE_ATTR, None)
     return model
+
+
+def add_weighted_adapter(
+    model: nn.Module,
+    adapters: list[str],
+    weights: list[float],
+    adapter_name: str,
+    combination_type: str | None = None,
+) -> nn.Module:
+    """A new LoRA adapter combining others, as PEFT's (see lora_inject.add_weighted_adapter)."""
+    from slimtune.lora_inject import add_weighted_adapter as combine
+
+    return combine(model, adapters, weights, adapter_name, combination_type)
 
 
 def unload(model: nn.Module) -> nn.Module:

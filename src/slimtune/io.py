@@ -20,8 +20,6 @@ import json
 import os
 import shutil
 import tempfile
-import warnings
-from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
@@ -31,9 +29,11 @@ from torch import Tensor, nn
 
 from slimtune.errors import SlimtuneError
 from slimtune.inject import (
+    PEFT_PREFIX,
     AdapterFormat,
     active_adapter,
     adapter_configs,
+    config_from_json,
     format_for_config,
     format_for_json,
     register_format,
@@ -54,7 +54,6 @@ __all__ = [
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
-PEFT_PREFIX = "base_model.model."
 PICKLED_NAMES = ("adapter_model.bin", "adapter_model.pt", "adapter_model.pth", "pytorch_model.bin")
 
 
@@ -206,29 +205,6 @@ def read_adapter_tensors(path: str | os.PathLike) -> tuple[dict[str, Tensor], di
         raise SlimtuneError(f"{file} is truncated or not a safetensors file ({exc})") from exc
     meta.pop("format", None)
     return tensors, meta
-
-
-def config_from_json(
-    config_type: type, data: dict[str, Any], known: set[str] | frozenset[str] = frozenset()
-) -> Any:
-    """Build a config dataclass from JSON fields.
-
-    Fields the dataclass lacks are dropped: silently when listed in `known` (fields the
-    writer's library has and slimtune does not use), with one warning line otherwise.
-    """
-    names = {f.name for f in fields(config_type)}
-    unknown = sorted(k for k in data if k not in names and k not in known and k != "peft_type")
-    if unknown:
-        warnings.warn(
-            f"adapter_config.json: ignoring unknown keys: {', '.join(unknown)}", stacklevel=3
-        )
-    kwargs = {k: v for k, v in data.items() if k in names}
-    try:
-        return config_type(**kwargs)
-    except TypeError as exc:
-        raise SlimtuneError(
-            f"adapter_config.json does not describe a {config_type.__name__}: {exc}"
-        ) from exc
 
 
 def load_adapter(
