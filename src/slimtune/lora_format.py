@@ -190,6 +190,10 @@ def load_lora(
     model: nn.Module, name: str, config_json: dict, tensors: dict, metadata: dict
 ) -> nn.Module:
     """Add LoRA adapter `name` from PEFT file contents; on any mismatch the model is left as it was."""
+    if config_json.get("use_dora"):  # reached when slimtune.dora was not imported yet
+        from slimtune.dora import load_dora
+
+        return load_dora(model, name, config_json, tensors, metadata)
     fused = json.loads(metadata.get(FUSED_KEY, "{}"))
     config = _config_for_load(config_json, fused)
     first = not adapter_configs(model)

@@ -78,8 +78,10 @@ def saved_module_names(config: LoraConfig) -> list[str] | None:
 
 def add_lora(model: nn.Module, config: LoraConfig, adapter_name: str) -> nn.Module:
     """Wrap every target module of `config` in a LoRA layer and add adapter `adapter_name`."""
-    if config.use_dora:
-        raise SlimtuneError("use_dora=True needs slimtune.dora, which is not available")
+    if config.use_dora:  # reached when slimtune.dora was not imported yet (it registers itself)
+        from slimtune.dora import add_dora
+
+        return add_dora(model, config, adapter_name)
     for name in find_targets(model, config):
         module = model.get_submodule(name)
         layer = module if isinstance(module, LoraLayer) else _new_layer(module, name, config)
