@@ -93,3 +93,28 @@ def test_lora_linear_gpu(quantized, t, d_in, d_out, r):
     assert _rel(y, ref) < 1e-2
     for g, h in zip(_grads(y, [x, a, b], 7), _grads(ref, [x, a, b], 7), strict=True):
         assert _rel(g, h) < 1e-2
+
+
+def test_lora_layer_takes_the_fused_path_when_enabled(monkeypatch):
+    """LoraLinear's fused path (forced on, on CPU) gives the plain path's outputs and grads."""
+    import slimtune as st
+
+    base = torch.nn.Sequential(torch.nn.Linear(32, 48), torch.nn.ReLU(), torch.nn.Linear(48, 16))
+    torch.manual_seed(0)
+    model = st.add_adapter(base, st.LoraConfig(r=4, lora_alpha=8, target_modules=["0", "2"]))
+    for p in model.parameters():
+        if p.requires_grad:
+            torch.nn.init.normal_(p, std=0.1)  # non-zero B so both terms count
+    x = torch.randn(5, 32)
+    results = []
+    for forced in (False, True):
+        monkeypatch.setattr(fast, "use_fast", lambda t, forced=forced: forced)
+        y = model(x)
+        params = [p for p in model.parameters() if p.requires_grad]
+        grads = torch.autograd.grad(y.square().sum(), params)
+        is_fused = type(y.grad_fn).__name__ == "_FusedLoraLinearBackward"
+        results.append((y, grads, is_fused))
+    assert not results[0][2] and results[1][2]
+    assert torch.allclose(results[0][0], results[1][0], atol=1e-6)
+    for g, h in zip(results[0][1], results[1][1], strict=True):
+        assert torch.allclose(g, h, atol=1e-5)

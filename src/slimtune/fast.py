@@ -125,3 +125,37 @@ def lora_linear(
 def frozen_linear(x: Tensor, weight: Tensor | QuantState4bit, bias: Tensor | None = None) -> Tensor:
     """y = x W0ᵀ + bias for a frozen (e.g. 4-bit) W0 that is rebuilt, not saved, for backward."""
     return _FrozenLinear.apply(x, bias, _weight_fn(weight, x.dtype))
+
+
+def frozen_weight(base: torch.nn.Module) -> Tensor | QuantState4bit | None:
+    """The frozen weight of a Linear or 4-bit quantized linear layer, else None."""
+    for attr in ("quant_state", "state", "qweight", "weight"):
+        value = getattr(base, attr, None)
+        if isinstance(value, QuantState4bit):
+            return value
+    weight = getattr(base, "weight", None)
+    if isinstance(base, torch.nn.Linear) and not weight.requires_grad:
+        return weight
+    return None
+
+
+def try_lora_forward(layer: torch.nn.Module, x: Tensor) -> Tensor | None:
+    """The fused forward of a LoRA layer when it applies, else None (use the plain path).
+
+    It applies on CUDA to a layer with one active, unmerged adapter, no dropout while
+    training, and a frozen Linear or 4-bit base.
+    """
+    if not use_fast(x) or layer.disabled or layer.merged_adapters or layer.fan_in_fan_out:
+        return None
+    if len(layer.active_adapters) != 1:
+        return None
+    (name,) = layer.active_adapters
+    if name in layer.lora_dropout and layer.training and layer.lora_dropout[name].p > 0:
+        return None
+    base = layer.base_layer
+    weight = frozen_weight(base)
+    if weight is None or type(layer.lora_A[name]) is not torch.nn.Linear:
+        return None
+    bias = getattr(base, "bias", None)
+    a, b = layer.lora_A[name].weight, layer.lora_B[name].weight
+    return lora_linear(x, weight, bias, a, b, layer.scaling[name])

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from slimtune.errors import SlimtuneError
+from slimtune.fast import try_lora_forward
 
 # ----------------------------------------------------------------------------- math
 
@@ -135,7 +136,7 @@ class LoraLayer(nn.Module):
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__()
-        self.base_layer = base_layer
+        self.base_layer = base_layer.requires_grad_(False)  # W0 stays frozen
         self.r: dict[str, int] = {}
         self.lora_alpha: dict[str, float] = {}
         self.scaling: dict[str, float] = {}
@@ -290,6 +291,10 @@ class LoraLinear(LoraLayer):
         return lora_delta(self.lora_A[name].weight, self.lora_B[name].weight, self.scaling[name])
 
     def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
+        if type(self) is LoraLinear and not args and not kwargs:  # fused path on CUDA (fast.py)
+            fused = try_lora_forward(self, x)
+            if fused is not None:
+                return fused
         result = self.base_layer(x, *args, **kwargs)  # (..., out)
         if self.disabled or self.merged_adapters:
             return result
