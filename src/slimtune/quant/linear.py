@@ -1,0 +1,175 @@
+"""A frozen quantized linear layer, and quantizing a whole model in place (QLoRA's base).
+
+QLoRA, Dettmers et al. 2023, arXiv:2305.14314: the base weights are stored in 4-bit
+NF4 (or FP4, or int8) and dequantized on the fly for each matmul; LoRA trains on top.
+
+    x ──► dequantize(codes, statistics) → Ŵ (x.dtype) ──► y = x Ŵᵀ + b
+          (frozen buffers; Ŵ is rebuilt in backward instead of kept)
+
+Gradients flow to x (and so into LoRA's A and B wrapped around this layer), never to
+the codes. The statistics keep their dtype through `model.to(torch.bfloat16)`.
+
+    model = st.quantize_model(model, "nf4")     # every nn.Linear except lm_head
+    st.quant.linear.quantization_of(model)      # {"quant": "nf4", "blocksize": 64, ...}
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterable
+
+import torch
+from torch import Tensor, nn
+
+from slimtune.quant import QuantState, QuantState4bit, QuantStateInt8, check_quant_args, quantize
+
+ATTRIBUTE = "slimtune_quantization"  # where quantize_model records what it did on the model
+ADAPTER_PARTS = re.compile(r"(^|\.)(lora_[A-Za-z_]+|adapter_[A-Za-z_]+|modules_to_save)(\.|$)")
+
+
+def _dequantize(state: QuantState, dtype: torch.dtype) -> Tensor:
+    """Dequantize with the GPU kernel where it applies (quant/triton.py), else the reference."""
+    if isinstance(state, QuantState4bit) and state.codes.is_cuda:
+        try:
+            from slimtune.quant.triton import dequantize
+        except ImportError:
+            return state.dequantize(dtype)
+        return dequantize(state, dtype)
+    return state.dequantize(dtype)
+
+
+class _FrozenMatmul(torch.autograd.Function):
+    """y = x Ŵᵀ with Ŵ dequantized in forward and again in backward (never saved)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight_fn: Callable[[], Tensor]) -> Tensor:
+        ctx.weight_fn = weight_fn
+        return nn.functional.linear(x, weight_fn())  # (..., out)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        return torch.matmul(grad, ctx.weight_fn()), None  # (..., in)
+
+
+class QuantLinear(nn.Module):
+    """A frozen linear layer whose weight is stored quantized (nf4, fp4 or int8)."""
+
+    def __init__(self, state: QuantState, bias: Tensor | None = None) -> None:
+        super().__init__()
+        self.out_features, self.in_features = state.shape
+        self.quant_type = state.quant_type
+        self.compute_dtype = state.dtype  # dtype of the original weight (merges go back to it)
+        self._meta = {"shape": state.shape, "dtype": state.dtype}
+        if isinstance(state, QuantState4bit):
+            self._meta |= {"blocksize": state.blocksize}
+            names = ("codes", "absmax", "absmax2", "offset")
+        else:
+            self._meta |= {"threshold": state.threshold}
+            names = ("codes", "absmax", "outlier_columns", "outliers")
+        for name in names:
+            self.register_buffer(name, getattr(state, name))
+        self.bias = (
+            None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
+        )
+
+    @property
+    def quant_state(self) -> QuantState:
+        """The record of the stored weight (views of this layer's buffers)."""
+        m = self._meta
+        if self.quant_type == "int8":
+            return QuantStateInt8(
+                self.codes, self.absmax, self.outlier_columns, self.outliers,
+                m["shape"], m["dtype"], m["threshold"],
+            )  # fmt: skip
+        return QuantState4bit(
+            self.quant_type, self.codes, self.absmax, m["shape"], m["dtype"],
+            m["blocksize"], self.absmax2, self.offset,
+        )  # fmt: skip
+
+    def dequantize_weight(self, dtype: torch.dtype | None = None) -> Tensor:
+        """The dequantized weight Ŵ (out, in), in `dtype` (default: the original dtype)."""
+        return _dequantize(self.quant_state, dtype or self.compute_dtype)
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = _FrozenMatmul.apply(x, lambda: self.dequantize_weight(x.dtype))  # (..., out)
+        return y if self.bias is None else y + self.bias.to(y.dtype)
+
+    def _apply(self, fn, recurse: bool = True):
+        """Move the statistics with the module but never change their dtype."""
+        before = {k: v for k, v in self._buffers.items() if v is not None}
+        super()._apply(fn, recurse)
+        for name, old in before.items():
+            new = self._buffers[name]
+            if new.dtype != old.dtype:
+                self._buffers[name] = old.to(new.device)
+        return self
+
+    def extra_repr(self) -> str:
+        detail = f"blocksize={self._meta['blocksize']}" if "blocksize" in self._meta else "int8"
+        double = ", double_quant" if getattr(self, "absmax2", None) is not None else ""
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"quant={self.quant_type}, {detail}{double}, bias={self.bias is not None}"
+        )
+
+
+def _skipped(name: str, skip: Iterable[str]) -> bool:
+    """A module is skipped when its name or a dotted suffix of it is listed (or matches)."""
+    if ADAPTER_PARTS.search(name):
+        return True  # adapters wrapped around a base (lora_A, lora_B, ...) are never quantized
+    for pattern in skip:
+        if name == pattern or name.endswith("." + pattern) or re.fullmatch(pattern, name):
+            return True
+    return False
+
+
+def quantize_model(
+    model: nn.Module,
+    quant: str = "nf4",
+    skip: Iterable[str] = ("lm_head",),
+    blocksize: int = 64,
+    double_quant: bool = True,
+    threshold: float = 6.0,
+) -> nn.Module:
+    """Replace every nn.Linear of `model` (in place) by a frozen QuantLinear.
+
+    Args:
+        model: any torch model (e.g. a transformers causal LM), fp32/bf16/fp16 weights.
+        quant: "nf4", "fp4" or "int8".
+        skip: module names (or dotted suffixes, or regexes) left in full precision.
+        blocksize: values per absmax for nf4/fp4 (32 … 4096, powers of two).
+        double_quant: nf4/fp4: 8-bit absmax in blocks of 256 (≈ 4.127 bits per parameter).
+        threshold: int8: input columns with a |w| >= threshold stay 16-bit (0 = none).
+
+    Returns:
+        The same model; `quantization_of(model)` then describes what was applied.
+    """
+    check_quant_args(quant, blocksize)
+    skip = list(skip)
+    names = [
+        name
+        for name, module in model.named_modules()
+        if type(module) is nn.Linear and not _skipped(name, skip)
+    ]
+    for name in names:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        linear = getattr(parent, child)
+        state = quantize(linear.weight.data, quant, blocksize, double_quant, threshold)
+        setattr(parent, child, QuantLinear(state, linear.bias))
+    record = {"quant": quant, "blocksize": blocksize, "double_quant": double_quant, "skip": skip}
+    if quant == "int8":
+        record = {"quant": quant, "threshold": threshold, "skip": skip}
+    setattr(model, ATTRIBUTE, record | {"modules": len(names)})
+    return model
+
+
+def quantization_of(model: nn.Module) -> dict | None:
+    """What `quantize_model` applied to `model` (None for a model it never touched)."""
+    record = getattr(model, ATTRIBUTE, None)
+    return dict(record) if record is not None else None
+
+
+def quantized_layers(model: nn.Module) -> dict[str, QuantLinear]:
+    """Every QuantLinear of `model` by name."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
