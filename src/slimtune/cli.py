@@ -47,6 +47,12 @@ def _train_flags(p: argparse.ArgumentParser) -> None:
         "--config", default=None, help="YAML file of training options; flags override it"
     )
     p.add_argument("--nproc", type=int, default=None, help="start torchrun with N processes")
+    p.add_argument("--eval-data", default=None, help="held-out data, evaluated during training")
+    p.add_argument("--eval-every", type=int, default=None)
+    p.add_argument("--grad-accum", type=int, default=None, help="micro-batches per step")
+    p.add_argument("--warmup-steps", type=int, default=None)
+    p.add_argument("--schedule", choices=("linear", "cosine", "constant"), default=None)
+    p.add_argument("--dropout", type=float, default=None, help="LoRA dropout")
 
 
 def build_parser() -> argparse.ArgumentParser:
