@@ -26,8 +26,8 @@ def _rng_state(device: torch.device) -> tuple[Tensor, Tensor | None]:
 
 class _Checkpoint(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, run: Callable[[Tensor], Tensor], offload: bool, hidden: Tensor):
-        ctx.run, ctx.device = run, hidden.device
+    def forward(ctx, run: Callable[[Tensor], Tensor], offload: bool, hidden: Tensor, _token):
+        ctx.run, ctx.device, ctx.hidden_grad = run, hidden.device, hidden.requires_grad
         ctx.rng = _rng_state(hidden.device)
         if offload and hidden.is_cuda:
             saved = torch.empty(hidden.shape, dtype=hidden.dtype, pin_memory=True)
@@ -45,7 +45,7 @@ class _Checkpoint(torch.autograd.Function):
             hidden = ctx.cpu_hidden.to(ctx.device, non_blocking=True)
         else:
             (hidden,) = ctx.saved_tensors
-        hidden = hidden.detach().requires_grad_(True)
+        hidden = hidden.detach().requires_grad_(ctx.hidden_grad)
         cpu_state, cuda_state = ctx.rng
         devices = [ctx.device] if cuda_state is not None else []
         with torch.random.fork_rng(devices=devices), torch.enable_grad():
@@ -54,7 +54,7 @@ class _Checkpoint(torch.autograd.Function):
                 torch.cuda.set_rng_state(cuda_state, ctx.device)
             out = ctx.run(hidden)
         torch.autograd.backward(out, grad)
-        return None, None, hidden.grad
+        return None, None, hidden.grad, None
 
 
 def checkpoint(run: Callable[..., Tensor], hidden: Tensor, *args, offload: bool = False) -> Tensor:
@@ -62,7 +62,10 @@ def checkpoint(run: Callable[..., Tensor], hidden: Tensor, *args, offload: bool 
 
     The signature matches transformers' `_gradient_checkpointing_func(fn, *args)`.
     """
-    return _Checkpoint.apply(lambda h: run(h, *args), offload, hidden)
+    # `token` requires grad so the output does even when `hidden` does not (the layer's
+    # adapters train); transformers' checkpointing needs enable_input_require_grads instead.
+    token = torch.empty(0, device=hidden.device, requires_grad=True)
+    return _Checkpoint.apply(lambda h: run(h, *args), offload, hidden, token)
 
 
 def enable_checkpointing(model: nn.Module, offload: bool = False) -> int:
