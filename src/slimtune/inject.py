@@ -500,6 +500,10 @@ class ModulesToSaveWrapper(nn.Module):
     def unmerge(self) -> None:
         self.merged = False
 
+    @property
+    def merged_adapters(self) -> list[str]:
+        return [self.active] if self.merged and self.active else []
+
     def unload(self) -> nn.Module:
         return self.modules_to_save[self.active] if self.merged else self.original_module
 
@@ -545,14 +549,39 @@ def merge(model: nn.Module, adapter_names: list[str] | None = None) -> nn.Module
     names = adapter_names or [active_adapter(model)]
     for name in names:
         _check_name(model, name)
-    for _, layer in _mergeable(model):
+    layers = _mergeable(model)
+    _untie(model, [layer for _, layer in layers])
+    for _, layer in layers:
         layer.merge(names)
     return model
 
 
+def _untie(model: nn.Module, layers: list[nn.Module]) -> None:
+    """Give modules that share a weight with an adapter's base layer (a tied output head)
+    their own copy, so merging changes only the adapted module, as unmerged it computes."""
+    owned = {
+        id(p): layer for layer in layers for p in getattr(layer, "base_layer", layer).parameters()
+    }
+    for module in model.modules():
+        for attr, param in list(module._parameters.items()):
+            owner = owned.get(id(param))
+            if owner is None or any(module is m for m in owner.modules()):
+                continue
+            setattr(
+                module,
+                attr,
+                nn.Parameter(param.detach().clone(), requires_grad=param.requires_grad),
+            )
+            if getattr(getattr(model, "config", None), "tie_word_embeddings", False):
+                model.config.tie_word_embeddings = False
+
+
 def unmerge(model: nn.Module) -> nn.Module:
     """Subtract every merged adapter again (W0 back to within fp32 rounding)."""
-    for _, layer in _mergeable(model):
+    layers = _mergeable(model)
+    if not any(getattr(layer, "merged_adapters", None) for _, layer in layers):
+        raise SlimtuneError("nothing is merged: unmerge follows a merge")
+    for _, layer in layers:
         layer.unmerge()
     return model
 
