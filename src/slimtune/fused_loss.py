@@ -94,6 +94,7 @@ def causal_lm_loss(model: torch.nn.Module, input_ids: Tensor, labels: Tensor, **
     Runs the decoder (`model.model`), shifts the labels by one and applies the
     chunked linear cross-entropy with `model.lm_head`.
     """
+    kwargs.setdefault("use_cache", False)  # a training step needs no KV cache
     hidden = model.model(input_ids=input_ids, **kwargs).last_hidden_state  # (B, T, d)
     shifted = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)  # (B, T)
     return linear_cross_entropy(hidden, model.lm_head.weight, shifted)
