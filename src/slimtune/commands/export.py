@@ -68,17 +68,28 @@ def _safetensors_dtype(args: argparse.Namespace) -> torch.dtype:
     return SAFETENSORS_DTYPES[args.dtype]
 
 
-def run(args: argparse.Namespace) -> int:
+def _check(args: argparse.Namespace):
+    """Everything that can be refused before loading weights; returns the model's config."""
+    from transformers import AutoConfig
+
+    from slimtune.export_gguf import gguf_architecture
+    from slimtune.models import model_directory
+
     for path in output_paths(args.format, args.out):
         check_free(path, args.overwrite)
+    if args.format == "gguf-lora" and args.adapter is None:
+        raise SlimtuneError("--format gguf-lora exports an adapter: give --adapter DIR")
+    if args.format == "safetensors" and args.dtype is not None:
+        _safetensors_dtype(args)
+    config = AutoConfig.from_pretrained(model_directory(args.model))
+    if args.format != "safetensors":
+        gguf_architecture(config)
+    return config
+
+
+def run(args: argparse.Namespace) -> int:
+    config = _check(args)
     if args.format == "gguf-lora":
-        from transformers import AutoConfig
-
-        from slimtune.models import model_directory
-
-        if args.adapter is None:
-            raise SlimtuneError("--format gguf-lora exports an adapter: give --adapter DIR")
-        config = AutoConfig.from_pretrained(model_directory(args.model))
         path = export_gguf_lora(
             args.adapter, config, args.out, dtype=args.dtype or "f16", overwrite=args.overwrite
         )
