@@ -25,19 +25,23 @@ SAFETENSORS_DTYPES = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.
 
 
 def merged_model(model_spec: str, adapter: str | None):
-    """(plain transformers model in fp32, tokenizer) with the adapter merged in, if any."""
+    """(plain transformers model, tokenizer as the source has it), the adapter merged in.
+
+    With an adapter this is `slimtune merge`'s path (QLoRA adapters merge into the weights
+    they were trained on); the model comes back in the dtype its checkpoint stores.
+    """
     from transformers import AutoTokenizer
 
+    from slimtune.commands.merge import merged_model as merge_adapter
     from slimtune.models import load_model, model_directory
 
-    model, _ = load_model(model_spec, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(model_directory(model_spec))  # as the source has it
     if adapter is not None:
-        from slimtune.inject import merge_and_unload
-        from slimtune.io import load_adapter
-
-        model = merge_and_unload(load_adapter(model, adapter))
-    return model, tokenizer
+        model, tokenizer = merge_adapter(model_spec, adapter)
+        if tokenizer is None:
+            raise SlimtuneError(f"model {model_spec} has no tokenizer to export with it")
+        return model, tokenizer
+    model, _ = load_model(model_spec, dtype=torch.float32)
+    return model, AutoTokenizer.from_pretrained(model_directory(model_spec))
 
 
 def _source_gguf(model_spec: str) -> Path | None:
@@ -50,17 +54,10 @@ def _source_gguf(model_spec: str) -> Path | None:
 def _safetensors_dtype(args: argparse.Namespace) -> torch.dtype:
     """--dtype if given, else the dtype the source checkpoint was stored in."""
     if args.dtype is None:
-        import json
-
+        from slimtune.commands.merge import stored_dtype
         from slimtune.models import model_directory
 
-        config = json.loads((model_directory(args.model) / "config.json").read_text())
-        stored = config.get("dtype") or config.get("torch_dtype") or "float32"
-        return (
-            getattr(torch, stored)
-            if stored in ("float32", "float16", "bfloat16")
-            else torch.float32
-        )
+        return stored_dtype(model_directory(args.model))
     if args.dtype not in SAFETENSORS_DTYPES:
         raise SlimtuneError(
             f"--dtype {args.dtype} is for GGUF; safetensors takes {', '.join(SAFETENSORS_DTYPES)}"
@@ -95,6 +92,7 @@ def run(args: argparse.Namespace) -> int:
         )
     elif args.format == "gguf":
         model, tokenizer = merged_model(args.model, args.adapter)
+        model.float()  # the GGUF encodings start from fp32
         path = export_gguf(
             model,
             tokenizer,
