@@ -281,7 +281,7 @@ class LoraLinear(LoraLayer):
             a, b, residual = pissa_init(w0, self.r[name], self.scaling[name])
             self.pissa_init[name] = (a.clone(), b.clone())
         else:
-            a, b, residual = _loftq(w0, self.r[name])
+            a, b, residual = _loftq(w0, self.r[name], self.scaling[name])
         self.lora_A[name].weight.data = a.to(self.lora_A[name].weight.dtype)
         self.lora_B[name].weight.data = b.to(self.lora_B[name].weight.dtype)
         residual = residual.T if self.fan_in_fan_out else residual
@@ -306,14 +306,14 @@ class LoraLinear(LoraLayer):
         return result
 
 
-def _loftq(w0: Tensor, r: int) -> tuple[Tensor, Tensor, Tensor]:
+def _loftq(w0: Tensor, r: int, scaling: float) -> tuple[Tensor, Tensor, Tensor]:
     try:
         from slimtune.quant.loftq import loftq_init
     except ImportError as exc:
         raise SlimtuneError(
             "init_lora_weights='loftq' needs slimtune.quant.loftq, which is missing"
         ) from exc
-    residual, a, b = loftq_init(w0, r)  # as PEFT: (quantized-then-dequantized W, A, B)
+    residual, a, b = loftq_init(w0, r, scaling=scaling)  # (dequantized Q(W), A, B), as PEFT
     return a, b, residual
 
 
