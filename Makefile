@@ -34,5 +34,11 @@ bench: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/slimtune demo
 
+# llama.cpp itself runs the exported GGUF files (llama-cpp-python builds from source: minutes)
+test-llamacpp: $(STAMP)
+	$(BIN)/python -c "import llama_cpp" 2>/dev/null || \
+		CMAKE_ARGS="-DGGML_NATIVE=OFF" $(BIN)/python -m pip install -q llama-cpp-python
+	$(BIN)/python -m pytest -q -ra -m llamacpp tests/test_export.py
+
 clean:
 	rm -rf $(VENV) runs build *.egg-info src/*.egg-info
