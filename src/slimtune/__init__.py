@@ -45,6 +45,9 @@ _EXPORTS: dict[str, str] = {
     "train": "slimtune.train",
     "evaluate": "slimtune.evaluate",
     "generate": "slimtune.evaluate",
+    "export_safetensors": "slimtune.export",
+    "export_gguf": "slimtune.export",
+    "export_gguf_lora": "slimtune.export",
 }
 
 __all__ = ["__version__", "quant", *_EXPORTS]
