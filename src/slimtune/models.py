@@ -70,7 +70,7 @@ def resolve_model_path(spec: str | os.PathLike) -> Path:
 def refuse_pickle(path: Path) -> SlimtuneError:
     return SlimtuneError(
         f"{path} is a pickled file, which slimtune never loads (it can run code); convert it "
-        "once with: python -c \"import torch, safetensors.torch as s; "
+        'once with: python -c "import torch, safetensors.torch as s; '
         f"s.save_file(torch.load('{path.name}', weights_only=True), '{path.stem}.safetensors')\""
     )
 
@@ -97,7 +97,9 @@ def _convert_gguf(gguf: Path, target: Path) -> None:
     """Dequantize a GGUF model once into a safetensors directory (written atomically)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(
+        gguf.parent, gguf_file=gguf.name, dtype=torch.float32
+    )
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     # the weights are dequantized already; drop transformers' GGUF marker so it saves them
     model.hf_quantizer = None
@@ -157,10 +159,16 @@ def load_model(
     import transformers
 
     directory = model_directory(spec)
+    from safetensors import SafetensorError
+
     loader = getattr(transformers, auto_class)
     try:
         model = loader.from_pretrained(directory, dtype=dtype, use_safetensors=True)
-    except (OSError, ValueError) as exc:
+    except (
+        OSError,
+        ValueError,
+        SafetensorError,
+    ) as exc:  # missing files, bad config, corrupt weights
         raise SlimtuneError(f"model {spec}: cannot load ({str(exc).splitlines()[0]})") from exc
     if device is not None:
         model.to(device)

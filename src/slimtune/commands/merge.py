@@ -66,9 +66,11 @@ def _load_base(spec: str, task_type: str | None) -> tuple[nn.Module, object | No
     transformers.utils.logging.disable_progress_bar()  # one line per outcome, as every command
     directory = model_directory(spec)
     auto = getattr(transformers, AUTO_CLASSES.get(task_type, "AutoModelForCausalLM"))
+    from safetensors import SafetensorError
+
     try:
         model = auto.from_pretrained(directory, dtype=torch.float32, use_safetensors=True)
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, SafetensorError) as exc:
         raise SlimtuneError(f"model {spec}: cannot load ({str(exc).splitlines()[0]})") from exc
     try:
         tokenizer = transformers.AutoTokenizer.from_pretrained(directory)
