@@ -15,12 +15,14 @@ the codes. The statistics keep their dtype through `model.to(torch.bfloat16)`.
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Callable, Iterable
 
 import torch
 from torch import Tensor, nn
 
+from slimtune.errors import SlimtuneError
 from slimtune.quant import QuantState, QuantState4bit, QuantStateInt8, check_quant_args, quantize
 
 ATTRIBUTE = "slimtune_quantization"  # where quantize_model records what it did on the model
@@ -151,15 +153,20 @@ def quantize_model(
         for name, module in model.named_modules()
         if type(module) is nn.Linear and not _skipped(name, skip)
     ]
+    dtypes = set()
     for name in names:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name)
         linear = getattr(parent, child)
+        dtypes.add(linear.weight.dtype)
         state = quantize(linear.weight.data, quant, blocksize, double_quant, threshold)
         setattr(parent, child, QuantLinear(state, linear.bias))
     record = {"quant": quant, "blocksize": blocksize, "double_quant": double_quant, "skip": skip}
     if quant == "int8":
         record = {"quant": quant, "threshold": threshold, "skip": skip}
+    record["dtype"] = str(dtypes.pop() if len(dtypes) == 1 else torch.float32).removeprefix(
+        "torch."
+    )
     setattr(model, ATTRIBUTE, record | {"modules": len(names)})
     return model
 
@@ -173,3 +180,79 @@ def quantization_of(model: nn.Module) -> dict | None:
 def quantized_layers(model: nn.Module) -> dict[str, QuantLinear]:
     """Every QuantLinear of `model` by name."""
     return {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
+
+
+# ----------------------------------------------------------------------------- merging QLoRA
+
+METADATA_KEY = "slimtune.quantization"  # safetensors header key of an adapter trained on it
+
+
+def quant_metadata(model: nn.Module) -> dict[str, str]:
+    """Header metadata recording the quantization `model`'s base was trained on ({} if none).
+
+    Pass it to `st.save_adapter(model, path, metadata=quant_metadata(model))`: PEFT ignores
+    it, and `slimtune merge` uses it to merge into exactly the weights the adapter saw.
+    """
+    record = quantization_of(model)
+    if record is None:
+        return {}
+    record.pop("modules", None)
+    return {METADATA_KEY: json.dumps(record, sort_keys=True)}
+
+
+def _record_from_metadata(metadata: dict[str, str]) -> dict | None:
+    text = metadata.get(METADATA_KEY)
+    if text is None:
+        return None
+    try:
+        record = json.loads(text)
+        check_quant_args(record["quant"], record.get("blocksize", 64))
+        getattr(torch, record.get("dtype", "float32"))
+    except (ValueError, KeyError, TypeError, AttributeError, SlimtuneError) as exc:
+        raise SlimtuneError(
+            f"adapter metadata {METADATA_KEY}={text!r} is not readable ({exc})"
+        ) from exc
+    return record
+
+
+def dequantize_model(model: nn.Module, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """Replace every QuantLinear (in place) by an nn.Linear holding its dequantized weight."""
+    for name, layer in list(quantized_layers(model).items()):
+        parent_name, _, child = name.rpartition(".")
+        linear = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None)
+        linear.weight.data = layer.dequantize_weight(dtype)
+        if layer.bias is not None:
+            linear.bias.data = layer.bias.detach().to(dtype)
+        setattr(model.get_submodule(parent_name), child, linear.requires_grad_(False))
+    model.__dict__.pop(ATTRIBUTE, None)
+    return model
+
+
+def trained_base(model: nn.Module, metadata: dict[str, str]) -> nn.Module:
+    """The full-precision base an adapter was trained against, ready to merge into.
+
+    With no quantization in `metadata` the model is returned as it is. Otherwise every
+    linear layer is quantized exactly as in training (same settings, same weight dtype;
+    quantization is deterministic) and dequantized to fp32: W0 ← dequantize(quantize(W0)).
+    Merging the adapter into that gives the trained QLoRA model's outputs.
+    """
+    record = _record_from_metadata(metadata)
+    if record is None:
+        return model
+    skip = record.get("skip", ["lm_head"])
+    dtype = getattr(torch, record.get("dtype", "float32"))
+    for name, module in model.named_modules():
+        if type(module) is nn.Linear and not _skipped(name, skip):
+            module.weight.data = module.weight.data.to(dtype)
+    quantize_model(
+        model,
+        record["quant"],
+        skip=skip,
+        blocksize=record.get("blocksize", 64),
+        double_quant=record.get("double_quant", True),
+        threshold=record.get("threshold", 6.0),
+    )
+    return dequantize_model(model, torch.float32)
+
+
+base_for_merge = trained_base
