@@ -79,3 +79,21 @@ def test_unreadable_metadata_is_one_line_error(tiny_llama):
     with pytest.raises(SlimtuneError, match=METADATA_KEY):
         trained_base(model, {METADATA_KEY: '{"quant": "nf5"}'})
     assert trained_base(model, {}) is model
+
+
+def test_cli_merge_into_original_prints_the_shift(tiny_llama_dir, tmp_path, capsys):
+    from transformers import AutoModelForCausalLM
+
+    from slimtune.cli import main
+
+    model = _trained_qlora(tiny_llama_dir, "nf4")
+    st.save_adapter(model, tmp_path / "adapter", metadata=quant_metadata(model))
+    args = ["merge", "--model", str(tiny_llama_dir), "--adapter", str(tmp_path / "adapter")]
+    assert main([*args, "--out", str(tmp_path / "trained")]) == 0
+    assert "moved" not in capsys.readouterr().out
+    assert main([*args, "--out", str(tmp_path / "original"), "--into", "original"]) == 0
+    assert "outputs moved from the trained QLoRA model: max |Δlogit|" in capsys.readouterr().out
+    ids = torch.randint(0, 90, (1, 12))
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "trained", dtype=torch.float32)
+    with torch.no_grad():
+        assert (merged(ids).logits - model(ids).logits).abs().max() <= 1e-4
