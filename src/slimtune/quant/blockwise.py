@@ -84,7 +84,7 @@ def quantize_blockwise(x: Tensor, code: Tensor, blocksize: int = 256) -> tuple[T
     safe = torch.where(absmax > 0, absmax, torch.ones_like(absmax))
     inv = 1.0 / safe  # an all-zero block's codes are forced to 0 below
     scaled = grid * inv.view(-1, 1)
-    codes = _lookup_table(_lut_key(code))[_bin_index(scaled)]
+    codes = _lookup_table(_lut_key(code)).to(scaled.device)[_bin_index(scaled)]
     codes = torch.where((absmax == 0).view(-1, 1), torch.zeros_like(codes), codes)
     return codes.reshape(-1)[:n].reshape(x.shape), absmax
 
