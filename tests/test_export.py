@@ -1,4 +1,4 @@
-"""export.py / export_gguf.py / export_ollama.py against transformers' GGUF loader and gguf-py.
+"""export.py / gguf_file.py / export_ollama.py against transformers' GGUF loader and gguf-py.
 
 References the code did not produce: transformers' own GGUF reader (its inverse rope
 permutation and its tokenizer builder), the `gguf` package's Q8_0 quantize/dequantize
@@ -25,9 +25,9 @@ from export_helpers import (
     logits,
     perplexity,
 )
-from slimtune import export_gguf as gg
+from slimtune import gguf_file as gg
 from slimtune.errors import SlimtuneError
-from slimtune.export import export_gguf, export_gguf_lora, export_safetensors
+from slimtune.export import _umask, export_gguf, export_gguf_lora, export_safetensors
 from slimtune.export_ollama import modelfile
 
 
@@ -188,7 +188,8 @@ def test_existing_output_is_refused(tmp_path, tokenizer):
     assert path.read_bytes() == before
     export_gguf(model, tokenizer, path, dtype="f16", overwrite=True)
     assert path.stat().st_size < len(before)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["Modelfile", "m.gguf"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.Modelfile", "m.gguf"]
+    assert oct(path.stat().st_mode & 0o777) == oct(0o666 & ~_umask())
 
 
 def test_safetensors_export_is_sharded_and_loads(tmp_path, tokenizer):

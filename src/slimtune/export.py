@@ -6,7 +6,7 @@
 
 Every file is written under a temporary name and renamed into place, so a failed export leaves
 nothing half-written, and nothing existing is replaced without `overwrite=True`. The GGUF writing
-itself (tensor names, rope permutation, Q8_0, tokenizer metadata) lives in `export_gguf.py`; the
+itself (tensor names, rope permutation, Q8_0, tokenizer metadata) lives in `gguf_file.py`; the
 Ollama Modelfile in `export_ollama.py`.
 """
 
@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from slimtune import export_gguf as gg
+from slimtune import gguf_file as gg
 from slimtune.errors import SlimtuneError
 from slimtune.export_ollama import modelfile
 
@@ -41,12 +41,19 @@ def check_free(path: Path, overwrite: bool) -> None:
         raise SlimtuneError(f"{path} already exists; pass --overwrite to replace it")
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 @contextmanager
 def atomic_file(path: Path) -> Iterator[Path]:
     """Yield a temporary path beside `path`; rename it into place when the block succeeds."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
+    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; a plain file is what users expect
     try:
         yield Path(tmp)
         os.replace(tmp, path)
@@ -60,6 +67,7 @@ def atomic_dir(path: Path) -> Iterator[Path]:
     """Yield a temporary directory beside `path`; swap it into place when the block succeeds."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-"))
+    os.chmod(tmp, 0o777 & ~_umask())
     old = None
     try:
         yield tmp
@@ -79,13 +87,18 @@ def gguf_paths(out: str | os.PathLike, default_name: str) -> Path:
     return out if out.suffix == ".gguf" else out / default_name
 
 
+def modelfile_path(out: str | os.PathLike) -> Path:
+    """DIR/Modelfile for a directory `--out`; x.Modelfile beside an explicit x.gguf."""
+    out = Path(out)
+    return out.with_suffix(".Modelfile") if out.suffix == ".gguf" else out / "Modelfile"
+
+
 def output_paths(fmt: str, out: str | os.PathLike) -> list[Path]:
     """Every path an export of format `fmt` to `out` writes (to check before any work)."""
     if fmt == "safetensors":
         return [Path(out)]
     if fmt == "gguf":
-        path = gguf_paths(out, "model.gguf")
-        return [path, path.parent / "Modelfile"]
+        return [gguf_paths(out, "model.gguf"), modelfile_path(out)]
     return [gguf_paths(out, "adapter.gguf")]
 
 
@@ -166,7 +179,8 @@ def export_gguf(
     source_gguf: str | os.PathLike | None = None,
     say: Callable[[str], None] = _say,
 ) -> Path:
-    """Write `out` (a .gguf path, or a directory for model.gguf) and an Ollama Modelfile beside it.
+    """Write `out` (a .gguf path, or a directory for model.gguf) and an Ollama Modelfile beside it
+    (DIR/Modelfile, or x.Modelfile for `out` = x.gguf).
 
     Args:
         model: a plain (merged) Llama or Qwen2 transformers model.
@@ -179,7 +193,7 @@ def export_gguf(
         The path of the GGUF file.
     """
     path = gguf_paths(out, "model.gguf")
-    model_file = path.parent / "Modelfile"
+    model_file = modelfile_path(out)
     for target in (path, model_file):
         check_free(target, overwrite)
     with atomic_file(path) as tmp:

@@ -69,7 +69,7 @@ def _check(args: argparse.Namespace):
     """Everything that can be refused before loading weights; returns the model's config."""
     from transformers import AutoConfig
 
-    from slimtune.export_gguf import gguf_architecture
+    from slimtune.gguf_file import gguf_architecture
     from slimtune.models import model_directory
 
     for path in output_paths(args.format, args.out):
