@@ -9,8 +9,10 @@ memory during training (weights included) and the loss per step, with ratios.
     python bench/gpu_train.py --shape 8b --runs peft:qlora,slim:qlora,slim:qlora:offload
 
 Run specs are impl:method[:option...]: impl peft|slim, method lora|qlora, options
-offload (checkpoint inputs to CPU), liger (liger-kernel RMSNorm/RoPE/SwiGLU + its fused
-linear cross-entropy), nockpt (no activation checkpointing).
+offload (checkpoint inputs to CPU), ligerops (liger-kernel RMSNorm/RoPE/SwiGLU), ligerce
+(liger's fused linear cross-entropy instead of slimtune's), liger (both), nockpt (no
+activation checkpointing), ckpt=F (checkpoint a share F of the layers), fastops (slimtune's
+Triton RMSNorm and SwiGLU).
 PEFT runs as HF Trainer(bf16=True) would: bf16 autocast, gradient checkpointing, and for
 QLoRA bnb Linear4bit NF4 + double quant after prepare_model_for_kbit_training.
 """
@@ -124,7 +126,7 @@ def setup_slim(model: nn.Module, method: str, opts: set[str]):
     from slimtune.fused_loss import causal_lm_loss
 
     model.requires_grad_(False)
-    if "liger" in opts:
+    if opts & {"liger", "ligerops"}:
         from liger_kernel.transformers import apply_liger_kernel_to_llama
 
         apply_liger_kernel_to_llama(rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
@@ -133,9 +135,16 @@ def setup_slim(model: nn.Module, method: str, opts: set[str]):
         st.quantize_model(model, "nf4", skip=("lm_head",), blocksize=64, double_quant=True)
     cfg = st.LoraConfig(r=16, lora_alpha=16, lora_dropout=0.0, target_modules=TARGETS)
     model = st.add_adapter(model, cfg)
-    if "nockpt" not in opts:
-        enable_checkpointing(model, offload="offload" in opts)
-    if "liger" in opts:
+    fraction = 0.0 if "nockpt" in opts else 1.0
+    for opt in opts:
+        if opt.startswith("ckpt="):
+            fraction = float(opt[5:])
+    enable_checkpointing(model, offload="offload" in opts, fraction=fraction)
+    if "fastops" in opts:
+        from slimtune.fast_ops import patch_llama
+
+        patch_llama(model)
+    if opts & {"liger", "ligerce"}:
         from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
 
         ce = LigerFusedLinearCrossEntropyLoss()

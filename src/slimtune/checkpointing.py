@@ -68,23 +68,26 @@ def checkpoint(run: Callable[..., Tensor], hidden: Tensor, *args, offload: bool 
     return _Checkpoint.apply(lambda h: run(h, *args), offload, hidden, token)
 
 
-def enable_checkpointing(model: nn.Module, offload: bool = False) -> int:
-    """Checkpoint every transformers decoder layer of `model`; returns how many.
+def enable_checkpointing(model: nn.Module, offload: bool = False, fraction: float = 1.0) -> int:
+    """Checkpoint transformers decoder layers of `model`; returns how many.
 
     Uses transformers' GradientCheckpointingLayer hook (each layer calls
     `_gradient_checkpointing_func(forward, hidden_states)` when enabled and training).
+    `fraction` < 1 checkpoints only that share of the layers, spread evenly (memory is
+    traded for the recomputation of the rest).
     """
     from transformers.modeling_layers import GradientCheckpointingLayer
 
     def func(run, hidden, *args):
         return checkpoint(run, hidden, *args, offload=offload)
 
-    count = 0
-    for module in model.modules():
-        if isinstance(module, GradientCheckpointingLayer):
-            module.gradient_checkpointing = True
-            module._gradient_checkpointing_func = func
-            count += 1
+    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    chosen = (
+        {round(i / fraction) for i in range(round(len(layers) * fraction))} if fraction else set()
+    )
+    for index, module in enumerate(layers):
+        module.gradient_checkpointing = index in chosen
+        module._gradient_checkpointing_func = func
     if hasattr(model, "config"):
         model.config.use_cache = False
-    return count
+    return len(chosen)

@@ -1,0 +1,175 @@
+"""Triton RMSNorm and SwiGLU for frozen Llama-style blocks (the elementwise part of a step).
+
+RMSNorm (Zhang & Sennrich 2019, arXiv:1910.07467) and SwiGLU (Shazeer 2020,
+arXiv:2002.05202), computed as transformers' Llama modules compute them, one pass each:
+
+    rmsnorm:  r = 1 / sqrt(mean(x²) + eps)   (fp32),   y = w · bf16(x · r)
+              dx = r · (g w - x̂ · mean(g w x̂)),   x̂ = x · r            (w frozen: no dw)
+    swiglu:   h = bf16(silu(a)) · b,   silu(a) = a · σ(a)
+              db = dh · silu(a),   da = dh · b · σ(a) (1 + a (1 - σ(a)))
+
+transformers' versions upcast, square, reduce, scale and cast in separate kernels and
+keep several fp32 intermediates for backward; these read and write each tensor once and
+keep only their inputs (plus one fp32 per row). `patch_llama(model)` routes the model's
+RMSNorm and MLP modules through them for CUDA tensors; elsewhere, and for a trainable
+norm weight, the modules' own forward (the reference twin) runs.
+"""
+
+from __future__ import annotations
+
+import types
+
+import torch
+from torch import Tensor, nn
+
+from slimtune.quant.triton import _interpreted, kernels_enabled, triton
+
+if triton is not None:
+    import triton.language as tl
+
+    # Row sums use tl.reduce with the standard sum: tl.sum itself is a @jit helper, which
+    # Triton's interpreter can only call when TRITON_INTERPRET was set before importing triton.
+    @triton.jit
+    def _rmsnorm_fwd(x_ptr, w_ptr, y_ptr, rstd_ptr, d, eps, BLOCK: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)
+        cols = tl.arange(0, BLOCK)
+        mask = cols < d
+        x = tl.load(x_ptr + row * d + cols, mask=mask, other=0.0).to(tl.float32)
+        rstd = 1.0 / tl.sqrt(tl.reduce(x * x, 0, tl.standard._sum_combine) / d + eps)
+        n = (x * rstd).to(y_ptr.dtype.element_ty).to(tl.float32)
+        w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+        tl.store(y_ptr + row * d + cols, (w * n).to(y_ptr.dtype.element_ty), mask=mask)
+        tl.store(rstd_ptr + row, rstd)
+
+    @triton.jit
+    def _rmsnorm_bwd(g_ptr, x_ptr, w_ptr, rstd_ptr, dx_ptr, d, BLOCK: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)
+        cols = tl.arange(0, BLOCK)
+        mask = cols < d
+        x = tl.load(x_ptr + row * d + cols, mask=mask, other=0.0).to(tl.float32)
+        g = tl.load(g_ptr + row * d + cols, mask=mask, other=0.0).to(tl.float32)
+        w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+        rstd = tl.load(rstd_ptr + row)
+        xhat = x * rstd
+        gw = g * w
+        dx = rstd * (gw - xhat * (tl.reduce(gw * xhat, 0, tl.standard._sum_combine) / d))
+        tl.store(dx_ptr + row * d + cols, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _swiglu_fwd(a_ptr, b_ptr, h_ptr, n, BLOCK: tl.constexpr):
+        idx = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        mask = idx < n
+        a = tl.load(a_ptr + idx, mask=mask, other=0.0).to(tl.float32)
+        b = tl.load(b_ptr + idx, mask=mask, other=0.0).to(tl.float32)
+        act = (a * 1.0 / (1.0 + tl.exp(-a))).to(h_ptr.dtype.element_ty).to(tl.float32)
+        tl.store(h_ptr + idx, (act * b).to(h_ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _swiglu_bwd(dh_ptr, a_ptr, b_ptr, da_ptr, db_ptr, n, BLOCK: tl.constexpr):
+        idx = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        mask = idx < n
+        dh = tl.load(dh_ptr + idx, mask=mask, other=0.0).to(tl.float32)
+        a = tl.load(a_ptr + idx, mask=mask, other=0.0).to(tl.float32)
+        b = tl.load(b_ptr + idx, mask=mask, other=0.0).to(tl.float32)
+        s = 1.0 / (1.0 + tl.exp(-a))
+        act = a * s
+        tl.store(db_ptr + idx, (dh * act).to(db_ptr.dtype.element_ty), mask=mask)
+        da = dh * b * s * (1.0 + a * (1.0 - s))
+        tl.store(da_ptr + idx, da.to(da_ptr.dtype.element_ty), mask=mask)
+
+
+def _launch(kernel, t: Tensor, grid: tuple[int, ...], *args, num_warps: int = 4, **consts):
+    """Run the compiled kernel on CUDA tensors, the interpreter's version on CPU ones."""
+    if t.device.type == "cpu":
+        return _interpreted(kernel)[grid](*args, **consts)
+    return kernel[grid](*args, num_warps=num_warps, **consts)
+
+
+_SWIGLU_BLOCK = 1024
+
+
+class _RMSNorm(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, eps: float) -> Tensor:
+        x2 = x.reshape(-1, x.shape[-1]).contiguous()  # (T, d)
+        rows, d = x2.shape
+        y = torch.empty_like(x2)
+        rstd = torch.empty(rows, dtype=torch.float32, device=x.device)
+        block = triton.next_power_of_2(d)
+        warps = 8 if block >= 4096 else 4
+        _launch(_rmsnorm_fwd, x, (rows,), x2, weight, y, rstd, d, eps, BLOCK=block, num_warps=warps)
+        ctx.save_for_backward(x2, weight, rstd)
+        return y.view(x.shape)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        x2, weight, rstd = ctx.saved_tensors
+        rows, d = x2.shape
+        g = grad.reshape(rows, d).contiguous()
+        dx = torch.empty_like(x2)
+        block = triton.next_power_of_2(d)
+        warps = 8 if block >= 4096 else 4
+        _launch(_rmsnorm_bwd, g, (rows,), g, x2, weight, rstd, dx, d, BLOCK=block, num_warps=warps)
+        return dx.view(grad.shape), None, None
+
+
+class _SwiGLU(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, a: Tensor, b: Tensor) -> Tensor:
+        a, b = a.contiguous(), b.contiguous()
+        h = torch.empty_like(a)
+        grid = (triton.cdiv(a.numel(), _SWIGLU_BLOCK),)
+        _launch(_swiglu_fwd, a, grid, a, b, h, a.numel(), BLOCK=_SWIGLU_BLOCK)
+        ctx.save_for_backward(a, b)
+        return h
+
+    @staticmethod
+    def backward(ctx, dh: Tensor):
+        a, b = ctx.saved_tensors
+        dh = dh.contiguous()
+        da, db = torch.empty_like(a), torch.empty_like(b)
+        grid = (triton.cdiv(a.numel(), _SWIGLU_BLOCK),)
+        _launch(_swiglu_bwd, a, grid, dh, a, b, da, db, a.numel(), BLOCK=_SWIGLU_BLOCK)
+        return da, db
+
+
+def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    """Llama's RMSNorm with a frozen weight, as one Triton kernel each way."""
+    return _RMSNorm.apply(x, weight, eps)
+
+
+def silu_mul(a: Tensor, b: Tensor) -> Tensor:
+    """silu(a) · b (Llama's MLP activation) as one Triton kernel each way."""
+    return _SwiGLU.apply(a, b)
+
+
+_NORMS = {"LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm"}  # w · bf16(x · rstd), same math
+
+
+def _norm_forward(self, x: Tensor) -> Tensor:
+    if kernels_enabled(x) and not self.weight.requires_grad:
+        return rms_norm(x, self.weight, self.variance_epsilon)
+    return type(self).forward(self, x)
+
+
+def _mlp_forward(self, x: Tensor) -> Tensor:
+    if kernels_enabled(x):
+        return self.down_proj(silu_mul(self.gate_proj(x), self.up_proj(x)))
+    return type(self).forward(self, x)
+
+
+def patch_llama(model: nn.Module) -> int:
+    """Route RMSNorm and SiLU-gated MLP modules through the Triton kernels; returns how many."""
+    count = 0
+    for module in model.modules():
+        if type(module).__name__ in _NORMS:
+            module.forward = types.MethodType(_norm_forward, module)
+            count += 1
+        elif all(hasattr(module, n) for n in ("gate_proj", "up_proj", "down_proj", "act_fn")):
+            if (
+                isinstance(module.act_fn, nn.SiLU)
+                or type(module.act_fn).__name__ == "SiLUActivation"
+            ):
+                module.forward = types.MethodType(_mlp_forward, module)
+                count += 1
+    return count
