@@ -138,12 +138,13 @@ def quantize_q8_0(w: Tensor) -> Tensor:
     blocks = w.detach().float().reshape(-1, Q8_0_BLOCK)  # (B, 32)
     d = blocks.abs().amax(dim=1, keepdim=True) / 127  # (B, 1)
     inv = torch.where(d == 0, torch.zeros_like(d), 1.0 / d)
-    x = (blocks * inv).abs()
-    whole = torch.floor(x)
-    q = torch.sign(blocks) * (whole + torch.floor(2 * (x - whole)))  # roundf: halves away from 0
-    scale_bytes = d.to(torch.float16).view(torch.uint8)  # (B, 2)
-    code_bytes = q.to(torch.int8).view(torch.uint8)  # (B, 32)
-    packed = torch.cat([scale_bytes, code_bytes], dim=1)  # (B, 34)
+    x = blocks * inv  # (B, 32), |x| <= 127
+    a = x.abs()
+    whole = a.floor()
+    q = a.sub_(whole).mul_(2).floor_().add_(whole).copysign_(x)  # roundf: halves away from 0
+    packed = torch.empty(blocks.shape[0], 34, dtype=torch.uint8)  # (B, 34)
+    packed[:, :2] = d.to(torch.float16).view(torch.uint8)  # fp16 scale, little-endian
+    packed[:, 2:] = q.to(torch.int8).view(torch.uint8)  # 32 int8 codes
     return packed.reshape(*w.shape[:-1], w.shape[-1] // Q8_0_BLOCK * 34)
 
 
