@@ -53,6 +53,9 @@ def _train_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--warmup-steps", type=int, default=None)
     p.add_argument("--schedule", choices=("linear", "cosine", "constant"), default=None)
     p.add_argument("--dropout", type=float, default=None, help="LoRA dropout")
+    p.add_argument("--num-virtual-tokens", type=int, default=None, help="prompt: soft tokens")
+    p.add_argument("--prompt-init", default=None, help="prompt: start from this text's embeddings")
+    p.add_argument("--bottleneck-size", type=int, default=None, help="adapter: bottleneck width")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -98,3 +98,5 @@ def prepare_qlora(model: nn.Module, options: dict[str, Any]) -> tuple[nn.Module,
 
 register_recipe("lora", prepare_lora)
 register_recipe("qlora", prepare_qlora)
+
+import slimtune.method_recipes  # noqa: E402,F401  (registers dora, ia3, prompt, adapter, full)

@@ -23,7 +23,8 @@ from slimtune.config import TrainConfig
 from slimtune.errors import SlimtuneError
 
 RUN_KEYS = ("model", "data", "eval_data", "out", "method", "rank", "alpha", "dropout",
-            "target_modules", "quant")  # fmt: skip
+            "target_modules", "quant", "num_virtual_tokens", "prompt_init",
+            "bottleneck_size")  # fmt: skip
 TRAIN_KEYS = tuple(f.name for f in dataclasses.fields(TrainConfig))
 FLAG_ONLY = ("resume", "overwrite", "quiet", "config", "nproc", "command")
 
@@ -99,20 +100,22 @@ def quiet_transformers(quiet: bool) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    if getattr(args, "nproc", None):
-        try:
-            from slimtune.distributed import launch
-        except ImportError:
-            raise SlimtuneError(
-                "--nproc needs slimtune.distributed, which is not installed"
-            ) from None
-        return launch(args)
+    from slimtune import distributed
+
+    if getattr(args, "nproc", None) is not None:  # check here: one line, not one per process
+        from slimtune.train import check_run_dir
+
+        run_options, _ = resolve(args)
+        check_run_dir(run_options["out"], args.resume, args.overwrite)
+        return distributed.launch(args)
     from slimtune.data import load_dataset
     from slimtune.models import load_model, load_tokenizer
     from slimtune.recipes import prepare_method
     from slimtune.train import check_run_dir, train
 
     run_options, config = resolve(args)
+    if distributed.init_from_env(config.device) and not distributed.is_main():
+        args.quiet = True  # under torchrun only rank 0 prints
     out = check_run_dir(run_options["out"], args.resume, args.overwrite)
     quiet_transformers(args.quiet)
     tokenizer = load_tokenizer(run_options["model"])
@@ -130,6 +133,7 @@ def run(args: argparse.Namespace) -> int:
     )  # fmt: skip
     if not args.quiet:
         print(report(summary, out))
+    distributed.shutdown()
     return 0
 
 
