@@ -18,7 +18,7 @@ from triton.testing import do_bench
 
 from slimtune import fast
 from slimtune.quant.nf4 import quantize_4bit_state
-from slimtune.quant.triton import dequantize_state_triton
+from slimtune.quant.triton import dequantize_nf4_triton, dequantize_state_triton
 
 
 def copy_tbs() -> float:
@@ -44,7 +44,11 @@ def dequant_rows(shape: tuple[int, int]) -> list[tuple[str, float, float]]:
     moved = n // 2 + state.absmax.numel() + state.absmax2.numel() * 4 + n * 2  # bytes
     ours = dequantize_state_triton(state, torch.bfloat16)
     assert torch.equal(ours, state.dequantize(torch.bfloat16))
-    assert torch.equal(ours, bnbf.dequantize_4bit(q, qs))  # same bits as bitsandbytes
+    on_bnb = dequantize_nf4_triton(
+        q, qs.absmax, qs.code, shape, torch.bfloat16, 64,
+        absmax2=qs.state2.absmax, code2=qs.state2.code, offset=qs.offset,
+    )  # fmt: skip
+    assert torch.equal(on_bnb, bnbf.dequantize_4bit(q, qs))  # bnb's codes: bnb's bits
     out = torch.empty_like(w)
     rows = []
     for name, fn in [

@@ -158,7 +158,7 @@ def setup_slim(model: nn.Module, method: str, opts: set[str]):
     return model, lambda ids: causal_lm_loss(model, ids, ids)
 
 
-def train(model, loss_fn, batches: torch.Tensor, lr: float) -> dict:
+def train(model, loss_fn, batches: torch.Tensor, lr: float, profile: bool = False) -> dict:
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     model.train()
@@ -167,7 +167,8 @@ def train(model, loss_fn, batches: torch.Tensor, lr: float) -> dict:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     losses, times = [], []
-    for ids in batches:
+
+    def step(ids):
         t0 = time.perf_counter()
         loss = loss_fn(ids)
         loss.backward()
@@ -175,7 +176,23 @@ def train(model, loss_fn, batches: torch.Tensor, lr: float) -> dict:
         opt.zero_grad(set_to_none=True)
         losses.append(loss.item())  # synchronizes
         times.append(time.perf_counter() - t0)
+
+    for ids in batches:
+        step(ids)
     peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan")
+    if profile:  # two more steps under the profiler (not counted above)
+        from torch.profiler import ProfilerActivity
+        from torch.profiler import profile as prof
+
+        with prof(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as p:
+            for ids in batches[:2]:
+                step(ids)
+        print(
+            p.key_averages().table(
+                sort_by="cuda_time_total", row_limit=25, max_name_column_width=60
+            )
+        )
+        del losses[-2:], times[-2:]
     n_train = sum(p.numel() for p in params)
     return dict(losses=losses, times=times, peak_gib=peak, trainable=n_train)
 
@@ -220,7 +237,7 @@ def run_spec(spec: str, args, batches: torch.Tensor) -> dict:
     if args.device == "cuda":
         gc.collect()
         torch.cuda.empty_cache()
-    result = train(model, loss_fn, batches, args.lr)
+    result = train(model, loss_fn, batches, args.lr, profile=spec in args.profile.split(","))
     result.update(spec=spec, adapted=n, build_s=t_build, setup_s=t_setup,
                   first_step_s=result["times"][0])  # fmt: skip
     times = result["times"][args.warmup :] or result["times"]
@@ -276,6 +293,7 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--json", help="write every number here")
+    p.add_argument("--profile", default="", help="run specs to profile (2 extra steps each)")
     args = p.parse_args()
     cfg = llama_config(args.shape)
     gen = torch.Generator().manual_seed(args.seed + 2)

@@ -61,3 +61,17 @@ def test_dequantize_matches_bitsandbytes():
 def test_dequantize_matches_reference_gpu(shape, dtype):
     for double in (False, True):
         _check_exact(shape, "nf4", 64, double, dtype, "cuda", seed=shape[0] + double)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("shape", [(4096, 4096), (1000, 333)])
+def test_dequantize_matches_bitsandbytes_cuda(shape):
+    bnb = pytest.importorskip("bitsandbytes.functional")
+    w = torch.randn(shape, device="cuda", dtype=torch.bfloat16) * 0.02
+    q, st = bnb.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=True)
+    out = dequantize_nf4_triton(
+        q, st.absmax, st.code, shape, torch.bfloat16, 64,
+        absmax2=st.state2.absmax, code2=st.state2.code, offset=st.offset,
+    )  # fmt: skip
+    assert torch.equal(out, bnb.dequantize_4bit(q, st))
