@@ -61,6 +61,23 @@ def dequant_rows(shape: tuple[int, int]) -> list[tuple[str, float, float]]:
     return rows
 
 
+def dequant_sweep(shape: tuple[int, int] = (14336, 4096)) -> list[tuple[str, float, float]]:
+    """Launch shapes of the Triton kernel: tiled or flat, bytes per program, warps."""
+    w = torch.randn(shape, device="cuda", dtype=torch.bfloat16) * 0.02
+    state = quantize_4bit_state(w, "nf4", 64, double_quant=True)
+    n = w.numel()
+    moved = n // 2 + state.absmax.numel() + state.absmax2.numel() * 4 + n * 2
+    rows = []
+    for tiled in (True, False):
+        for size in (512, 1024, 2048, 4096):
+            for warps in (2, 4, 8):
+                cfg = dict(tiled=tiled, bytes_per_program=size, num_warps=warps)
+                fn = lambda cfg=cfg: dequantize_state_triton(state, torch.bfloat16, **cfg)  # noqa: E731
+                ms = do_bench(fn, warmup=10, rep=50, return_mode="median")
+                rows.append((f"sweep {cfg}", ms * 1e3, moved / (ms / 1e3) / 1e12))
+    return sorted(rows, key=lambda r: r[1])[:6]
+
+
 def lora_rows(tokens: int = 8192, d_in: int = 4096, d_out: int = 14336, r: int = 16):
     import bitsandbytes as bnb
 
@@ -105,6 +122,8 @@ def main() -> None:
     for shape in [(14336, 4096), (4096, 4096)]:
         for name, us, rate in dequant_rows(shape):
             print(f"| {name} | {us:.1f} | {rate:.2f} TB/s |")
+    for name, us, rate in dequant_sweep():
+        print(f"| {name} | {us:.1f} | {rate:.2f} TB/s |")
     for name, us, rate in lora_rows():
         print(f"| {name} | {us:.1f} | {rate:.0f} TFLOP/s |")
 

@@ -177,8 +177,13 @@ def train(model, loss_fn, batches: torch.Tensor, lr: float, profile: bool = Fals
         losses.append(loss.item())  # synchronizes
         times.append(time.perf_counter() - t0)
 
-    for ids in batches:
-        step(ids)
+    gc.collect()
+    gc.disable()  # no collector pauses inside timed steps (the same for every run)
+    try:
+        for ids in batches:
+            step(ids)
+    finally:
+        gc.enable()
     peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan")
     if profile:  # two more steps under the profiler (not counted above)
         from torch.profiler import ProfilerActivity

@@ -15,14 +15,14 @@ from slimtune.quant.triton import dequantize_nf4_triton, dequantize_state_triton
 CUDA = torch.cuda.is_available()
 
 
-def _check_exact(shape, quant_type, blocksize, double, dtype, device, seed):
+def _check_exact(shape, quant_type, blocksize, double, dtype, device, seed, tiled=True):
     g = torch.Generator().manual_seed(seed)
     w = (torch.randn(shape, generator=g) * 0.02).to(device)
     w[0, :3] = 0.0  # exact zeros and an extreme value are part of the real inputs
     w.view(-1)[-1] = 0.5
     state = quantize_4bit_state(w, quant_type, blocksize, double_quant=double)
     ref = state.dequantize(dtype)
-    out = dequantize_state_triton(state, dtype)
+    out = dequantize_state_triton(state, dtype, tiled=tiled)
     assert out.dtype == dtype and out.shape == ref.shape
     assert torch.equal(out, ref), (out.float() - ref.float()).abs().max()
 
@@ -37,8 +37,11 @@ def _check_exact(shape, quant_type, blocksize, double, dtype, device, seed):
         ((40, 512), "nf4", 32, True, torch.bfloat16),  # several groups of 256 absmaxes
     ],
 )
-def test_dequantize_matches_reference_cpu_interpreter(shape, quant_type, blocksize, double, dtype):
-    _check_exact(shape, quant_type, blocksize, double, dtype, "cpu", seed=sum(shape))
+@pytest.mark.parametrize("tiled", [True, False])
+def test_dequantize_matches_reference_cpu_interpreter(
+    shape, quant_type, blocksize, double, dtype, tiled
+):
+    _check_exact(shape, quant_type, blocksize, double, dtype, "cpu", sum(shape), tiled)
 
 
 def test_dequantize_matches_bitsandbytes():
@@ -60,7 +63,8 @@ def test_dequantize_matches_bitsandbytes():
 @pytest.mark.parametrize("shape", [(4096, 4096), (14336, 4096), (1000, 333), (3, 5)])
 def test_dequantize_matches_reference_gpu(shape, dtype):
     for double in (False, True):
-        _check_exact(shape, "nf4", 64, double, dtype, "cuda", seed=shape[0] + double)
+        for tiled in (False, True):
+            _check_exact(shape, "nf4", 64, double, dtype, "cuda", shape[0] + double, tiled)
 
 
 @pytest.mark.gpu

@@ -55,14 +55,17 @@ if triton is not None:
         row_max = tl.reduce(m, 0, tl.standard._elementwise_max)
         lse = row_max + tl.log(tl.reduce(acc * tl.exp(m - row_max), 0, tl.standard._sum_combine))
         y = tl.load(y_ptr + row)
-        tl.store(loss_ptr + row, lse - tl.load(base + y).to(tl.float32))
         scale = tl.load(scale_ptr + row)
+        target = tl.full([BLOCK], 0.0, tl.float32)  # z[y], picked up on the second pass
         for start in range(0, vocab, BLOCK):
             cols = start + tl.arange(0, BLOCK)
             mask = cols < vocab
             z = tl.load(base + cols, mask=mask, other=0.0).to(tl.float32)
-            g = (tl.exp(z - lse) - tl.where(cols == y, 1.0, 0.0)) * scale
+            hit = cols == y
+            target += tl.where(hit, z, 0.0)
+            g = (tl.exp(z - lse) - tl.where(hit, 1.0, 0.0)) * scale
             tl.store(base + cols, g.to(z_ptr.dtype.element_ty), mask=mask)
+        tl.store(loss_ptr + row, lse - tl.reduce(target, 0, tl.standard._sum_combine))
 
 
 def chunk_loss_grad(z: Tensor, y: Tensor, scale: Tensor) -> tuple[Tensor, Tensor]:

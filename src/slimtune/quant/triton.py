@@ -34,6 +34,8 @@ except ImportError:  # pragma: no cover - exercised where triton is absent
     tl = None
 
 _BYTES_PER_PROGRAM = 1024  # each program reads 1024 bytes and writes 2048 values
+_NUM_WARPS = 4
+_TILED = True  # the (blocks, blocksize/2) tiling: one statistics load per block
 
 if triton is not None:
 
@@ -78,6 +80,48 @@ if triton is not None:
         idx = pid * 2 * BYTES + tl.arange(0, 2 * BYTES)
         tl.store(out_ptr + idx, vals, mask=idx < n)
 
+    @triton.jit
+    def _dequant_nf4_rows_kernel(
+        packed_ptr,
+        absmax_ptr,
+        code_ptr,
+        absmax2_ptr,
+        code2_ptr,
+        offset_ptr,
+        out_ptr,
+        n,
+        BLOCKSIZE: tl.constexpr,
+        BLOCKSIZE2: tl.constexpr,
+        DOUBLE: tl.constexpr,
+        BF16: tl.constexpr,
+        ROWS: tl.constexpr,
+    ):
+        """Same result, tiled (ROWS quantization blocks, BLOCKSIZE/2 bytes): one absmax per row."""
+        HALF: tl.constexpr = BLOCKSIZE // 2
+        blk = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)  # (ROWS,)
+        col = tl.arange(0, HALF)  # (HALF,)
+        byte = blk[:, None] * HALF + col[None, :]  # (ROWS, HALF)
+        byte_mask = byte * 2 < n
+        b = tl.load(packed_ptr + byte, mask=byte_mask, other=0).to(tl.int32)
+        blk_mask = blk * BLOCKSIZE < n
+        if DOUBLE:
+            q = tl.load(absmax_ptr + blk, mask=blk_mask, other=0).to(tl.int32)
+            a = tl.load(code2_ptr + q) * tl.load(absmax2_ptr + blk // BLOCKSIZE2, mask=blk_mask)
+            a = a + tl.load(offset_ptr)
+        else:
+            a = tl.load(absmax_ptr + blk, mask=blk_mask, other=0.0)
+        hi = tl.load(code_ptr + (b >> 4)) * a[:, None]  # (ROWS, HALF)
+        lo = tl.load(code_ptr + (b & 15)) * a[:, None]
+        vals = tl.reshape(tl.join(hi, lo), (ROWS, BLOCKSIZE))  # high nibble first
+        if BF16:
+            bits = vals.to(tl.uint32, bitcast=True)
+            bits = bits + 0x7FFF + ((bits >> 16) & 1)
+            vals = (bits >> 16).to(tl.int16)
+        else:
+            vals = vals.to(out_ptr.dtype.element_ty)
+        idx = blk[:, None] * BLOCKSIZE + tl.arange(0, BLOCKSIZE)[None, :]  # (ROWS, BLOCKSIZE)
+        tl.store(out_ptr + idx, vals, mask=idx < n)
+
 
 @cache
 def _interpreted(kernel):
@@ -104,6 +148,9 @@ def dequantize_nf4_triton(
     offset: float | Tensor = 0.0,
     blocksize2: int = 256,
     out: Tensor | None = None,
+    bytes_per_program: int = _BYTES_PER_PROGRAM,
+    num_warps: int = _NUM_WARPS,
+    tiled: bool = _TILED,
 ) -> Tensor:
     """Dequantize packed 4-bit codes to ``dtype`` with one Triton launch.
 
@@ -128,10 +175,18 @@ def dequantize_nf4_triton(
     if not isinstance(offset, Tensor):
         offset = torch.tensor([offset], dtype=torch.float32, device=packed.device)
     dummy = absmax  # stands in for the unused pointers when not double-quantized
-    grid = (triton.cdiv(triton.cdiv(n, 2), _BYTES_PER_PROGRAM),)
-    kernel, extra = _dequant_nf4_kernel, {"enable_fp_fusion": False, "num_warps": 4}
+    tiled = tiled and blocksize & (blocksize - 1) == 0  # tl.arange needs a power of two
+    rows = max(1, bytes_per_program // (blocksize // 2))
+    kernel = _dequant_nf4_rows_kernel if tiled else _dequant_nf4_kernel
+    grid = (
+        (triton.cdiv(triton.cdiv(n, blocksize), rows),)
+        if tiled
+        else (triton.cdiv(triton.cdiv(n, 2), bytes_per_program),)
+    )
+    extra = {"enable_fp_fusion": False, "num_warps": num_warps}
     if packed.device.type == "cpu":
-        kernel, extra = _interpreted(_dequant_nf4_kernel), {}
+        kernel, extra = _interpreted(kernel), {}
+    extra |= {"ROWS": rows} if tiled else {"BYTES": bytes_per_program}
     kernel[grid](
         packed.reshape(-1).view(torch.uint8),
         absmax.reshape(-1),
@@ -145,7 +200,6 @@ def dequantize_nf4_triton(
         BLOCKSIZE2=blocksize2,
         DOUBLE=double,
         BF16=dtype == torch.bfloat16,
-        BYTES=_BYTES_PER_PROGRAM,
         **extra,
     )
     return out
@@ -157,7 +211,9 @@ def _device_codebooks(quant_type: str, device: torch.device) -> tuple[Tensor, Te
     return codebook(quant_type).to(device), dynamic_map().to(device)
 
 
-def dequantize_state_triton(state: QuantState4bit, dtype: torch.dtype | None = None) -> Tensor:
+def dequantize_state_triton(
+    state: QuantState4bit, dtype: torch.dtype | None = None, **launch
+) -> Tensor:
     """Triton twin of ``QuantState4bit.dequantize``: the same bits, one launch."""
     code, code2 = _device_codebooks(state.quant_type, state.codes.device)
     return dequantize_nf4_triton(
@@ -171,6 +227,7 @@ def dequantize_state_triton(state: QuantState4bit, dtype: torch.dtype | None = N
         code2=code2 if state.double_quant else None,
         offset=state.offset if state.double_quant else 0.0,
         blocksize2=NESTED_BLOCKSIZE,
+        **launch,
     )
 
 
