@@ -276,3 +276,32 @@ def test_embedding_layer_kind():
     )
     assert isinstance(model.model.embed_tokens, LoraEmbedding)
     assert "model.embed_tokens.lora_embedding_A.default" in model.state_dict()
+
+
+def test_lora_on_a_quantized_base_trains_counts_and_merges_into_dequantized_weights():
+    from slimtune.quant.linear import QuantLinear, quantize_model
+
+    base = tiny("llama")
+    x = torch.randint(1, 64, (2, 9))
+    total = sum(p.numel() for p in base.parameters())
+    model = quantize_model(copy.deepcopy(base), "nf4")
+    quantized = logits(model, x)
+    model = st.add_adapter(
+        model,
+        st.LoraConfig(target_modules="all-linear", r=2, lora_alpha=4, init_lora_weights=False),
+    )
+    assert isinstance(model.model.layers[0].self_attn.q_proj.base_layer, QuantLinear)
+    trainable, counted = st.trainable_parameters(model)
+    assert (
+        counted == total + trainable
+    )  # a 4-bit weight counts its in×out values, as PEFT counts it
+    layer = model.model.layers[0].mlp.down_proj
+    h = torch.randn(3, layer.in_features)
+    a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+    expected = h @ layer.base_layer.dequantize_weight(torch.float32).T + 2.0 * (h @ a.T) @ b.T
+    torch.testing.assert_close(layer(h), expected, rtol=1e-5, atol=1e-5)
+    adapted = logits(model, x)
+    assert (adapted - quantized).abs().max() > 1e-3
+    plain = st.merge_and_unload(model)
+    assert isinstance(plain.model.layers[0].self_attn.q_proj, torch.nn.Linear)
+    assert (logits(plain, x) - adapted).abs().max() <= 1e-4

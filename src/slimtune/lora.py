@@ -105,6 +105,13 @@ def init_lora_(a: Tensor, b: Tensor, init: bool | str, r: int) -> None:
     nn.init.zeros_(b)
 
 
+def layer_device(layer: nn.Module) -> torch.device:
+    """Where a layer's weights (parameters or buffers, e.g. quantized codes) live."""
+    for tensor in (*layer.parameters(), *layer.buffers()):
+        return tensor.device
+    return torch.device("cpu")
+
+
 def base_weight(layer: nn.Module) -> Tensor:
     """The frozen weight of a base layer, dequantized for a quantized one."""
     weight = getattr(layer, "weight", None)
@@ -262,7 +269,7 @@ class LoraLinear(LoraLayer):
     ) -> None:
         """Create adapter `name`: A (r, in), B (out, r) in float32 on the base weight's device."""
         self._register(name, r, alpha, dropout, use_rslora)
-        device = base_weight(self.base_layer).device
+        device = layer_device(self.base_layer)
         self.lora_A[name] = nn.Linear(self.in_features, r, bias=False, device=device)
         self.lora_B[name] = nn.Linear(r, self.out_features, bias=False, device=device)
         a, b = self.lora_A[name].weight, self.lora_B[name].weight
@@ -354,7 +361,7 @@ class LoraFusedLinear(LoraLinear):
         self._register(name, r, alpha, dropout, use_rslora)
         n = sum(self.enable_lora)
         enabled_out = sum(s for s, e in zip(self.sizes, self.enable_lora, strict=True) if e)
-        device = base_weight(self.base_layer).device
+        device = layer_device(self.base_layer)
         self.lora_A[name] = nn.Linear(self.in_features, n * r, bias=False, device=device)
         self.lora_B[name] = nn.Linear(r, enabled_out, bias=False, device=device)
         with torch.no_grad():
