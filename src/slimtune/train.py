@@ -27,9 +27,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from slimtune.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from slimtune import distributed
+from slimtune.checkpoint import latest_checkpoint
 from slimtune.config import TrainConfig
 from slimtune.data import Dataset, batches_from, load_dataset
+from slimtune.distributed_checkpoint import keep_global_batch, load_checkpoint, save_checkpoint
 from slimtune.errors import SlimtuneError
 from slimtune.loss import IGNORE_INDEX, causal_lm_loss
 from slimtune.runlog import MetricsLog, peak_memory_mb, plot_losses, write_json, write_yaml
@@ -76,9 +78,11 @@ def resolve_device(config: TrainConfig) -> tuple[torch.device, torch.dtype | Non
     return device, torch.bfloat16 if bf16 else None
 
 
-def place_model(model: nn.Module, device: torch.device) -> nn.Module:
-    """Put the model where it trains (distributed runs wrap it here)."""
-    return model.to(device)
+def place_model(
+    model: nn.Module, device: torch.device, loss_fn: LossFn
+) -> tuple[nn.Module, LossFn]:
+    """Put the model where it trains; under torchrun, shard it with FSDP2 (distributed.py)."""
+    return distributed.place_model(model, device, loss_fn)
 
 
 def make_optimizer(params: list[nn.Parameter], config: TrainConfig) -> torch.optim.AdamW:
@@ -93,7 +97,10 @@ def make_optimizer(params: list[nn.Parameter], config: TrainConfig) -> torch.opt
 
 def make_batches(data: Dataset, config: TrainConfig, pad_id: int, start: int) -> Iterator[dict]:
     """Micro-batches from number `start` on (distributed runs shard them here)."""
-    return batches_from(data, config.batch_size, config.seed, pad_id, start, config.group_by_length)
+    batches = batches_from(
+        data, config.batch_size, config.seed, pad_id, start, config.group_by_length
+    )
+    return distributed.rank_share(batches)
 
 
 def label_count(batch: dict[str, torch.Tensor]) -> int:
@@ -102,9 +109,10 @@ def label_count(batch: dict[str, torch.Tensor]) -> int:
 
 def train_step(model, micro_batches, config, device, autocast, loss_fn) -> tuple[float, int, int]:
     """Forward and backward over the micro-batches of one step; (loss, label tokens, tokens)."""
-    n_labels = max(1, sum(label_count(b) for b in micro_batches))
+    n_labels = max(1, int(distributed.all_sum(sum(label_count(b) for b in micro_batches))))
     total, tokens = 0.0, 0
-    for batch in micro_batches:
+    for i, batch in enumerate(micro_batches):
+        distributed.sync_gradients(model, i == len(micro_batches) - 1)
         batch = {k: v.to(device) for k, v in batch.items()}
         ctx = torch.autocast(device.type, dtype=autocast) if autocast else contextlib.nullcontext()
         with ctx:
@@ -113,6 +121,7 @@ def train_step(model, micro_batches, config, device, autocast, loss_fn) -> tuple
             (loss_sum / n_labels).backward()
         total += float(loss_sum.detach())
         tokens += int(batch["attention_mask"].sum())
+    total, tokens = distributed.all_sum(total), int(distributed.all_sum(tokens))
     return total / n_labels, n_labels, tokens
 
 
@@ -190,15 +199,17 @@ def train(
         data = load_dataset(data, tokenizer, config.max_length, quiet=quiet)
     if eval_data is not None and not isinstance(eval_data, Dataset):
         eval_data = load_dataset(eval_data, tokenizer, config.max_length, quiet=quiet)
+    device, autocast = resolve_device(config)
+    model, loss_fn = place_model(model, device, loss_fn)
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise SlimtuneError("the model has no parameter that requires grad: nothing to train")
-    device, autocast = resolve_device(config)
-    model = place_model(model, device)
     optimizer = make_optimizer(params, config)
-    prepare_run(out, resume, overwrite)
-    write_yaml(out / "config.yaml", {**(run_config or {}), **dataclasses.asdict(config)})
-    metrics = MetricsLog(out / "metrics.jsonl")
+    config = keep_global_batch(config, out, resume)
+    if distributed.is_main():
+        prepare_run(out, resume, overwrite)
+        write_yaml(out / "config.yaml", {**(run_config or {}), **dataclasses.asdict(config)})
+    metrics = distributed.metrics_log(out / "metrics.jsonl")
     state = start_state(out, model, optimizer, resume, metrics)
     run = _Loop(model, tokenizer, data, config, out, device, autocast, loss_fn, eval_data, quiet)
     state = run.steps(optimizer, params, state, metrics)
@@ -232,7 +243,7 @@ class _Loop:
         pad = self.tokenizer.eos_token_id if pad is None else pad
         batches = make_batches(self.data, config, pad, state["micro_batches"])
         model.train()
-        bar = progress_bar(config, state["step"], self.quiet)
+        bar = progress_bar(config, state["step"], self.quiet or not distributed.is_main())
         began, elapsed = time.perf_counter(), state.get("elapsed_s", 0.0)
         window = [0, time.perf_counter()]  # tokens since the last log line, its start time
         tokens_per_s = 0.0
@@ -250,7 +261,8 @@ class _Loop:
             optimizer.zero_grad(set_to_none=True)
             state = {
                 "step": step,
-                "micro_batches": state["micro_batches"] + config.grad_accum,
+                "micro_batches": state["micro_batches"]
+                + config.grad_accum * distributed.world_size(),
                 "tokens": state["tokens"] + tokens,
                 "elapsed_s": elapsed + time.perf_counter() - began,
             }
@@ -272,7 +284,8 @@ class _Loop:
     def evaluate(self) -> dict[str, float]:
         from slimtune.evaluate import dataset_loss
 
-        loss = dataset_loss(self.model, self.eval_data, self.config.batch_size, self.autocast)
+        with distributed.gathered_root(self.model):
+            loss = dataset_loss(self.model, self.eval_data, self.config.batch_size, self.autocast)
         self.model.train()
         return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 700.0))}
 
@@ -283,12 +296,12 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
     except ImportError:  # the adapter layers are not there yet: count plainly
         params = list(model.parameters())
         return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
-    return trainable_parameters(model)
+    return distributed.parameter_counts(model, trainable_parameters(model))
 
 
 def finish(run: _Loop, state: dict, metrics: MetricsLog, save_fn: SaveFn) -> dict[str, Any]:
     """Write RUN/adapter, loss.png and summary.json; return the summary."""
-    save_fn(run.model, run.out / "adapter")
+    distributed.save_final(save_fn, run.model, run.out / "adapter")
     records = metrics.records()
     final_eval = {}
     if run.eval_data is not None:
@@ -297,7 +310,8 @@ def finish(run: _Loop, state: dict, metrics: MetricsLog, save_fn: SaveFn) -> dic
         if not done:
             metrics.append(final_eval)
             records.append(final_eval)
-    plot_losses(records, run.out / "loss.png")
+    if distributed.is_main():
+        plot_losses(records, run.out / "loss.png")
     losses = [r["loss"] for r in records if "loss" in r]
     trainable, total = count_parameters(run.model)
     summary = {
@@ -317,5 +331,6 @@ def finish(run: _Loop, state: dict, metrics: MetricsLog, save_fn: SaveFn) -> dic
         "peak_memory_mb": peak_memory_mb(run.device),
         "device": str(run.device),
     }
-    write_json(run.out / "summary.json", summary)
+    if distributed.is_main():
+        write_json(run.out / "summary.json", summary)
     return summary
