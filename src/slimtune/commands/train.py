@@ -48,11 +48,20 @@ def read_yaml(path: Path) -> dict[str, Any]:
     return loaded
 
 
+# names other tools use for the same options, offered as close matches
+ALIASES = {"learning_rate": "lr", "r": "rank", "lora_r": "rank", "lora_alpha": "alpha",
+           "lora_dropout": "dropout", "gradient_accumulation_steps": "grad_accum",
+           "per_device_train_batch_size": "batch_size", "steps": "max_steps",
+           "warmup": "warmup_steps", "lr_scheduler_type": "schedule", "output_dir": "out",
+           "model_name_or_path": "model", "dataset": "data", "max_seq_length": "max_length"}  # fmt: skip
+
+
 def check_keys(options: dict[str, Any], source: Path) -> None:
     known = RUN_KEYS + TRAIN_KEYS
     for key in options:
         if key not in known:
-            close = difflib.get_close_matches(str(key), known, n=3, cutoff=0.6)
+            close = difflib.get_close_matches(str(key), [*known, *ALIASES], n=3, cutoff=0.6)
+            close = list(dict.fromkeys(ALIASES.get(name, name) for name in close))
             hint = (
                 f"did you mean {', '.join(close)}?" if close else f"known keys: {', '.join(known)}"
             )
