@@ -189,6 +189,7 @@ class LoraLayer(nn.Module):
                 del container[name]
         for table in (self.r, self.lora_alpha, self.scaling, self.use_rslora):
             del table[name]
+        self.pissa_init.pop(name, None)
         self.active_adapters = [n for n in self.active_adapters if n != name]
 
     def enable_adapters(self, enabled: bool) -> None:
