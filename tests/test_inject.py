@@ -305,3 +305,30 @@ def test_lora_on_a_quantized_base_trains_counts_and_merges_into_dequantized_weig
     plain = st.merge_and_unload(model)
     assert isinstance(plain.model.layers[0].self_attn.q_proj, torch.nn.Linear)
     assert (logits(plain, x) - adapted).abs().max() <= 1e-4
+
+
+def test_fused_qkv_with_grouped_query_attention_slices_by_heads(tmp_path):
+    torch.manual_seed(0)
+    small = dict(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+    )
+    base = tf.Phi3ForCausalLM(tf.Phi3Config(**small, num_key_value_heads=2, pad_token_id=0)).eval()
+    config = st.LoraConfig(
+        target_modules=["qkv_proj"],
+        r=2,
+        init_lora_weights=False,
+        enable_lora={"qkv_proj": [True, False, True]},
+    )
+    ours = st.add_adapter(copy.deepcopy(base), config).eval()
+    layer = ours.model.layers[0].self_attn.qkv_proj
+    assert layer.sizes == [32, 16, 16]
+    h = torch.randn(3, 32)
+    assert torch.equal(layer(h)[:, 32:48], layer.base_layer(h)[:, 32:48])  # K slice unchanged
+    x = torch.randint(1, 64, (2, 9))
+    st.save_adapter(ours, tmp_path)
+    theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path).eval()
+    assert (logits(theirs, x) - logits(ours, x)).abs().max() <= ATOL

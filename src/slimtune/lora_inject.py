@@ -53,7 +53,19 @@ def fused_mask(config: LoraConfig, name: str) -> list[bool] | None:
     return None
 
 
-def _new_layer(module: nn.Module, name: str, config: LoraConfig) -> LoraLayer:
+def slice_sizes(model: nn.Module, out_features: int, k: int) -> list[int] | None:
+    """Output sizes of a fused q/k/v projection under grouped-query attention (Phi-3 style):
+    [heads·head_dim, kv_heads·head_dim, kv_heads·head_dim]; None means k equal slices."""
+    cfg = getattr(model, "config", None)
+    heads, kv = getattr(cfg, "num_attention_heads", None), getattr(cfg, "num_key_value_heads", None)
+    if k != 3 or not heads or not kv or heads == kv:
+        return None
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+    sizes = [heads * head_dim, kv * head_dim, kv * head_dim]
+    return sizes if sum(sizes) == out_features else None
+
+
+def _new_layer(model: nn.Module, module: nn.Module, name: str, config: LoraConfig) -> LoraLayer:
     mask = fused_mask(config, name)
     if isinstance(module, nn.Embedding):
         return LoraEmbedding(module)
@@ -65,7 +77,10 @@ def _new_layer(module: nn.Module, name: str, config: LoraConfig) -> LoraLayer:
         raise SlimtuneError(
             f"target module {name} is a {type(module).__name__}; LoRA adapts Linear, Conv1D and Embedding layers"
         )
-    return LoraFusedLinear(module, mask) if mask else LoraLinear(module)
+    if not mask:
+        return LoraLinear(module)
+    out_features = getattr(module, "out_features", None) or module.weight.shape[-1]
+    return LoraFusedLinear(module, mask, slice_sizes(model, out_features, len(mask)))
 
 
 def saved_module_names(config: LoraConfig) -> list[str] | None:
@@ -84,7 +99,7 @@ def add_lora(model: nn.Module, config: LoraConfig, adapter_name: str) -> nn.Modu
         return add_dora(model, config, adapter_name)
     for name in find_targets(model, config):
         module = model.get_submodule(name)
-        layer = module if isinstance(module, LoraLayer) else _new_layer(module, name, config)
+        layer = module if isinstance(module, LoraLayer) else _new_layer(model, module, name, config)
         r = int(pattern_value(config.rank_pattern, name, config.r))
         alpha = pattern_value(config.alpha_pattern, name, config.lora_alpha)
         layer.add_adapter(
