@@ -162,6 +162,33 @@ def _combine(layer: LoraLayer, adapters: list[str], weights: list[float], kind: 
     return cat_a, cat_b, cat_a.shape[0]
 
 
+def _pick_combination(layers: dict[str, LoraLayer], adapters: list[str], kind: str | None) -> str:
+    if kind is None:
+        same = all(
+            set(adapters) <= set(m.r) and len({m.r[a] for a in adapters}) == 1
+            for m in layers.values()
+        )
+        kind = "linear" if same else "cat"
+    if kind not in ("linear", "cat"):
+        raise SlimtuneError(f"combination_type={kind!r} is not accepted: 'linear' or 'cat'")
+    for name, layer in layers.items():
+        ranks = [layer.r[a] for a in adapters if a in layer.r]
+        if kind == "linear" and len(set(ranks)) > 1:
+            raise SlimtuneError(f"combination_type='linear' needs equal ranks; {name} has {ranks}")
+    return kind
+
+
+def _combined_config(first: LoraConfig, ranks: dict[str, int], layers: dict[str, LoraLayer]):
+    """The config of a combined adapter: these modules, these ranks, scaling 1 (alpha = r)."""
+    patterns = {re.escape(n): r for n, r in ranks.items()}
+    fused = {n: m.enable_lora for n, m in layers.items() if isinstance(m, LoraFusedLinear)}
+    return dataclasses.replace(
+        first, target_modules=list(ranks), rank_pattern=patterns, alpha_pattern=dict(patterns),
+        use_rslora=False, modules_to_save=None, layers_to_transform=None, exclude_modules=None,
+        enable_lora=fused, init_lora_weights=True, task_type=None,
+    )  # fmt: skip
+
+
 def add_weighted_adapter(
     model: nn.Module,
     adapters: list[str],
@@ -178,7 +205,7 @@ def add_weighted_adapter(
     missing = [a for a in adapters if a not in configs]
     if missing or len(adapters) != len(weights) or not adapters:
         raise SlimtuneError(
-            f"add_weighted_adapter: unknown adapters {missing} or weights not one per adapter"
+            f"add_weighted_adapter: unknown adapters {missing} or not one weight each"
         )
     if any(not isinstance(configs[a], LoraConfig) for a in adapters):
         raise SlimtuneError("add_weighted_adapter combines LoRA adapters only")
@@ -187,43 +214,13 @@ def add_weighted_adapter(
         for n, m in model.named_modules()
         if isinstance(m, LoraLayer) and set(adapters) & set(m.r)
     }
-    if combination_type is None:
-        same = all(
-            len({m.r[a] for a in adapters if a in m.r}) == 1 and set(adapters) <= set(m.r)
-            for m in layers.values()
-        )
-        combination_type = "linear" if same else "cat"
-    if combination_type not in ("linear", "cat"):
-        raise SlimtuneError(
-            f"combination_type={combination_type!r} is not accepted: 'linear' or 'cat'"
-        )
+    kind = _pick_combination(layers, adapters, combination_type)
     combined = {}
     for name, layer in layers.items():
         present = [(a, w) for a, w in zip(adapters, weights, strict=True) if a in layer.r]
-        if combination_type == "linear" and len({layer.r[a] for a, _ in present}) > 1:
-            raise SlimtuneError(
-                f"combination_type='linear' needs equal ranks; {name} has {[layer.r[a] for a, _ in present]}"
-            )
-        combined[name] = _combine(
-            layer, [a for a, _ in present], [w for _, w in present], combination_type
-        )
-    first = configs[adapters[0]]
-    ranks = {re.escape(n): r for n, (_, _, r) in combined.items()}
-    new = dataclasses.replace(
-        first,
-        r=first.r,
-        target_modules=list(combined),
-        rank_pattern=ranks,
-        alpha_pattern=dict(ranks),
-        use_rslora=False,
-        modules_to_save=None,
-        layers_to_transform=None,
-        exclude_modules=None,
-        enable_lora={n: m.enable_lora for n, m in layers.items() if isinstance(m, LoraFusedLinear)},
-        init_lora_weights=True,
-        task_type=None,
-    )
-    add_adapter(model, new, adapter_name)
+        combined[name] = _combine(layer, [a for a, _ in present], [w for _, w in present], kind)
+    ranks = {name: rank for name, (_, _, rank) in combined.items()}
+    add_adapter(model, _combined_config(configs[adapters[0]], ranks, layers), adapter_name)
     with torch.no_grad():
         for name, (a, b, _) in combined.items():
             pa, pb = _pair(layers[name], adapter_name)
