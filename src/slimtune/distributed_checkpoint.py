@@ -22,6 +22,7 @@ import json
 import os
 import shutil
 import sys
+import warnings
 from pathlib import Path
 
 import torch
@@ -47,6 +48,8 @@ def _state_dicts(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
     model_sd, optim_sd = get_state_dict(model, optimizer, options=_options())
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    model_sd = {k: v for k, v in model_sd.items() if k in trainable}  # no buffers
     return {"model": model_sd, "optim": optim_sd}
 
 
@@ -90,7 +93,9 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
 
     state = json.loads((path / "state.json").read_text())
     loaded = _state_dicts(model, optimizer)
-    dcp.load(loaded, checkpoint_id=str(path), no_dist=not is_distributed())
+    with warnings.catch_warnings():  # DCP warns that it loads in one process: we meant that
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load(loaded, checkpoint_id=str(path), no_dist=not is_distributed())
     set_state_dict(model, optimizer, model_state_dict=loaded["model"],
                    optim_state_dict=loaded["optim"], options=_options())  # fmt: skip
     own = path / f"rng-{rank()}.safetensors"
