@@ -145,7 +145,7 @@ def write_gguf(
         raise SlimtuneError(f"GGUF dtype {dtype!r} is not one of {', '.join(gg.DTYPES)}")
     config = model.config
     arch, _ = gg.gguf_architecture(config)
-    writer = GGUFWriter(path, arch)
+    writer = GGUFWriter(path, arch, use_temp_file=True)  # encoded tensors spill to disk, not RAM
     writer.add_type("model")
     writer.add_name(Path(getattr(config, "_name_or_path", "") or "model").name or "model")
     writer.add_file_type(gg.file_type(dtype))
