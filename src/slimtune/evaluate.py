@@ -132,7 +132,8 @@ def greedy_continuations(
             pad_token_id=pad,
         )
         for r, i in enumerate(rows):
-            out[i] = tokenizer.decode(generated[r, width:], skip_special_tokens=True)
+            new = generated[r, width : width + max_new_tokens[i]]  # its own budget
+            out[i] = tokenizer.decode(new, skip_special_tokens=True)
     model.train(was_training)
     return out
 

@@ -1,0 +1,120 @@
+"""evaluate.py: sliding-window perplexity, exact match and generation against transformers."""
+
+import json
+import math
+
+import torch
+
+from slimtune.cli import main
+from slimtune.data import IGNORE_INDEX, Example, collate, load_dataset
+from slimtune.evaluate import evaluate, exact_match, generate, sliding_windows
+
+
+def test_sliding_windows_score_every_token_once_with_context():
+    ids = list(range(100, 150))  # 50 tokens
+    windows = sliding_windows(Example(ids, list(ids)), max_length=16, stride=6)
+    scored, begin = [], 0
+    for window in windows:
+        assert len(window.input_ids) <= 16
+        begin = ids.index(window.input_ids[0])
+        scored += [begin + i for i, x in enumerate(window.labels) if i > 0 and x != IGNORE_INDEX]
+    assert scored == list(range(1, 50))  # nothing predicts token 0
+    assert all(ids.index(w.input_ids[0]) % 6 == 0 for w in windows)
+
+
+def hand_sliding_loss(model, ids: list[int], max_length: int, stride: int) -> float:
+    """The perplexity recipe of the transformers documentation, written out by hand."""
+    nll, count, prev_end = 0.0, 0, 0
+    for begin in range(0, len(ids), stride):
+        end = min(begin + max_length, len(ids))
+        target_len = end - prev_end
+        input_ids = torch.tensor([ids[begin:end]])
+        target = input_ids.clone()
+        target[:, :-target_len] = -100
+        n = int((target[:, 1:] != -100).sum())
+        with torch.no_grad():
+            nll += float(model(input_ids, labels=target).loss) * n
+        count += n
+        prev_end = end
+        if end == len(ids):
+            break
+    return nll / count
+
+
+def test_text_file_perplexity_matches_the_sliding_window_recipe(tiny_llama, tmp_path):
+    model, tokenizer = tiny_llama
+    path = tmp_path / "book.txt"
+    path.write_text("the quick brown fox jumps over the lazy dog. " * 3)
+    result = evaluate(model, tokenizer, path, max_length=32, stride=16)
+    ids = tokenizer(path.read_text())["input_ids"] + [tokenizer.eos_token_id]
+    expected = hand_sliding_loss(model, ids, 32, 16)
+    assert math.isclose(result["loss"], expected, rel_tol=1e-5)
+    assert math.isclose(result["perplexity"], math.exp(expected), rel_tol=1e-5)
+    assert "exact_match" not in result
+
+
+def hf_greedy(model, tokenizer, prompt_ids: list[int], new: int) -> str:
+    out = model.generate(torch.tensor([prompt_ids]), max_new_tokens=new, do_sample=False,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)  # fmt: skip
+    return tokenizer.decode(out[0, len(prompt_ids) :], skip_special_tokens=True)
+
+
+def test_exact_match_against_unbatched_transformers_generation(tiny_llama, tmp_path):
+    model, tokenizer = tiny_llama
+    prompts = ["1+1=", "a longer prompt here=", "xy", "9*9=", "hello there, ", "q"]
+    rows = []
+    for i, prompt in enumerate(prompts):
+        truth = hf_greedy(model, tokenizer, tokenizer(prompt)["input_ids"], 4)[:3]
+        # half the references are the model's own greedy answer, half are not
+        reference = truth if i % 2 == 0 else "~~~"
+        rows.append({"prompt": prompt, "completion": f" {reference} "})
+    path = tmp_path / "d.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    data = load_dataset(path, tokenizer, 64)
+    score, examples = exact_match(model, tokenizer, data, batch_size=4)
+    assert score == 0.5
+    for example, prompt in zip(examples, prompts, strict=True):
+        budget = len(example["reference"]) + 2  # the char tokenizer: one token per char
+        assert example["prediction"] == hf_greedy(
+            model, tokenizer, tokenizer(prompt)["input_ids"], budget
+        )
+
+
+def test_eval_cli_writes_json_with_transformers_loss(tiny_llama, tiny_llama_dir, tmp_path, capsys):
+    model, tokenizer = tiny_llama
+    rows = [{"prompt": "12+30=", "completion": "42"}, {"prompt": "1+1=", "completion": "2"}]
+    path = tmp_path / "d.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "eval.json"
+    assert (
+        main(["eval", "--model", str(tiny_llama_dir), "--data", str(path), "--json", str(out)]) == 0
+    )
+    table = capsys.readouterr().out
+    assert "perplexity" in table and "exact match" in table
+    result = json.loads(out.read_text())
+    batch = collate(load_dataset(path, tokenizer, 64).examples, tokenizer.pad_token_id)
+    with torch.no_grad():
+        expected = float(model(**batch).loss)
+    assert math.isclose(result["loss"], expected, rel_tol=1e-5)
+    assert math.isclose(result["perplexity"], math.exp(expected), rel_tol=1e-5)
+    assert result["exact_match"] in (0.0, 0.5, 1.0)
+
+
+def test_generate_streams_the_chat_answer_of_transformers(tiny_llama, tiny_llama_dir, capsys):
+    model, tokenizer = tiny_llama
+    pieces = []
+    text = generate(model, tokenizer, "hi", max_new_tokens=12, stream=pieces.append)
+    prompt = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True
+    )
+    expected = hf_greedy(
+        model, tokenizer, tokenizer(prompt, add_special_tokens=False)["input_ids"], 12
+    )
+    assert text == expected and "".join(pieces) == expected
+    assert (
+        main(
+            ["generate", "--model", str(tiny_llama_dir), "--prompt", "hi", "--max-new-tokens", "12"]
+        )
+        == 0
+    )
+    assert capsys.readouterr().out == expected + ("" if expected.endswith("\n") else "\n")
