@@ -198,32 +198,23 @@ def export_gguf(
         check_free(target, overwrite)
     with atomic_file(path) as tmp:
         write_gguf(model, tokenizer, tmp, dtype=dtype, say=say, source_gguf=source_gguf)
-    text = modelfile(f"./{path.name}", _chat_template(path), _eos_token(path), say)
+    text = modelfile(f"./{path.name}", *chat_metadata(path), say)
     with atomic_file(model_file) as tmp:
         tmp.write_text(text)
     return path
 
 
-def _gguf_string(path: Path, key: str) -> str | None:
-    from gguf import GGUFReader
-
-    field = GGUFReader(path).fields.get(key)
-    return None if field is None else field.contents()
-
-
-def _chat_template(path: Path) -> str | None:
-    return _gguf_string(path, "tokenizer.chat_template")
-
-
-def _eos_token(path: Path) -> str | None:
+def chat_metadata(path: Path) -> tuple[str | None, str | None]:
+    """(chat template, end-of-sequence token) as a GGUF file states them."""
     from gguf import GGUFReader
 
     fields = GGUFReader(path).fields
-    if "tokenizer.ggml.eos_token_id" not in fields:
-        return None
-    return fields["tokenizer.ggml.tokens"].contents(
-        fields["tokenizer.ggml.eos_token_id"].contents()
-    )
+    template = fields.get("tokenizer.chat_template")
+    eos_id = fields.get("tokenizer.ggml.eos_token_id")
+    eos = None
+    if eos_id is not None and "tokenizer.ggml.tokens" in fields:
+        eos = fields["tokenizer.ggml.tokens"].contents(int(eos_id.contents()))
+    return (None if template is None else template.contents()), eos
 
 
 # --- GGUF LoRA adapter --------------------------------------------------------------------
