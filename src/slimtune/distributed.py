@@ -137,14 +137,14 @@ def launch(args: Any) -> int:
 def shardable_quant_storage(model: nn.Module) -> int:
     """Turn each QuantLinear's stored weight (flat uint8 codes, absmax, …) into frozen
     parameters, which FSDP2 shards like any other (it leaves buffers whole on every rank).
-    Scalars (the double-quant offset) stay buffers. Returns how many tensors moved."""
+    Scalars (the double-quant offset) and empty tensors stay buffers. Returns how many moved."""
     moved = 0
     for module in model.modules():
         if not hasattr(module, "dequantize_weight"):
             continue
         for name in QUANT_STORAGE:
             tensor = module._buffers.get(name)
-            if tensor is None or tensor.dim() == 0:
+            if tensor is None or tensor.dim() == 0 or tensor.numel() == 0:
                 continue
             del module._buffers[name]
             module.register_parameter(name, nn.Parameter(tensor, requires_grad=False))

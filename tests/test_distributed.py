@@ -1,0 +1,106 @@
+"""distributed.py and distributed_checkpoint.py pieces that need no process group.
+
+The end-to-end runs under torchrun (2 processes vs 1) are in tests/cli/test_distributed_cli.py.
+"""
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from slimtune import distributed
+from slimtune.cli import build_parser
+from slimtune.config import TrainConfig
+from slimtune.distributed_checkpoint import keep_global_batch
+from slimtune.errors import SlimtuneError
+
+
+def quantized_mlp(quant: str) -> nn.Module:
+    from slimtune.quant.linear import quantize_model
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 64, bias=False))
+    return quantize_model(model, quant, skip=[])
+
+
+@pytest.mark.parametrize("quant", ["nf4", "int8"])
+def test_quant_storage_becomes_frozen_parameters(quant):
+    from slimtune.inject import trainable_parameters
+
+    model = quantized_mlp(quant)
+    x = torch.randn(3, 64)
+    layers = [model[0], model[2]]
+    # reference: the dequantized weights in a plain torch computation
+    weights = [layer.quant_state.dequantize(torch.float32) for layer in layers]
+    want = nn.functional.linear(
+        torch.relu(nn.functional.linear(x, weights[0], model[0].bias)), weights[1]
+    )
+    counts = trainable_parameters(model)
+    moved = distributed.shardable_quant_storage(model)
+    names = dict(model.named_parameters())
+    stored = {n.split(".", 1)[1] for n, p in names.items() if n.startswith("0.")}
+    if quant == "nf4":  # flat uint8 codes, uint8 absmax, fp32 absmax2; the scalar offset stays
+        assert stored == {"bias", "codes", "absmax", "absmax2"} and moved == 6
+        assert names["0.codes"].dtype == torch.uint8 and names["0.codes"].dim() == 1
+    else:  # int8 rows and their absmax; no outliers here, so those (empty) stay buffers
+        assert stored == {"bias", "codes", "absmax"} and moved == 4
+    assert not any(p.requires_grad for n, p in names.items() if not n.endswith("bias"))
+    torch.testing.assert_close(model(x), want)
+    assert distributed.parameter_counts(model, trainable_parameters(model)) == counts
+
+
+def test_train_argv_round_trips_without_nproc():
+    parser = build_parser()
+    argv = ["train", "--model", "m", "--data", "d.jsonl", "--out", "r", "--lr", "0.001",
+            "--max-steps", "3", "--grad-accum", "2", "--resume", "--quiet", "--nproc", "2"]  # fmt: skip
+    args = parser.parse_args(argv)
+    again = parser.parse_args(["train", *distributed.train_argv(args)])
+    assert again.nproc is None
+    assert {**vars(again), "nproc": 2} == vars(args)
+
+
+def test_rank_share_is_every_world_th_micro_batch(monkeypatch):
+    monkeypatch.setattr(distributed, "world_size", lambda: 3)
+    shares = []
+    for r in range(3):
+        monkeypatch.setattr(distributed, "rank", lambda r=r: r)
+        shares.append(list(distributed.rank_share(iter(range(10)))))
+    assert shares == [[0, 3, 6, 9], [1, 4, 7], [2, 5, 8]]
+
+
+def write_checkpoint(run, step, micro_batches):
+    path = run / "checkpoints" / f"step-{step:06d}"
+    path.mkdir(parents=True)
+    (path / "state.json").write_text(json.dumps({"step": step, "micro_batches": micro_batches}))
+
+
+def test_resume_keeps_the_global_batch(tmp_path, monkeypatch):
+    write_checkpoint(tmp_path, 2, 8)  # 4 micro-batches per step (e.g. 2 ranks x accum 2)
+    config = TrainConfig(grad_accum=2)
+    assert keep_global_batch(config, tmp_path, resume=False) is config
+    assert keep_global_batch(config, tmp_path, resume=True).grad_accum == 4  # 1 process
+    monkeypatch.setattr("slimtune.distributed_checkpoint.world_size", lambda: 4)
+    assert keep_global_batch(config, tmp_path, resume=True).grad_accum == 1
+    monkeypatch.setattr("slimtune.distributed_checkpoint.world_size", lambda: 3)
+    with pytest.raises(SlimtuneError, match="4 micro-batches per step"):
+        keep_global_batch(config, tmp_path, resume=True)
+
+
+def test_metrics_mirror_writes_nothing(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.5}\n')
+    mirror = distributed._MirrorLog(path)
+    mirror.truncate_after(1)
+    mirror.append({"step": 2, "loss": 1.0})
+    assert mirror.records() == [{"step": 1, "loss": 2.0}, {"step": 2, "loss": 1.0}]
+    assert path.read_text().count("\n") == 2  # the file is rank 0's alone
+
+
+def test_nproc_under_torchrun_is_refused(monkeypatch):
+    for key, value in [("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"),
+                       ("MASTER_ADDR", "localhost"), ("MASTER_PORT", "1")]:  # fmt: skip
+        monkeypatch.setenv(key, value)
+    args = build_parser().parse_args(["train", "--out", "r", "--nproc", "2"])
+    with pytest.raises(SlimtuneError, match="already started"):
+        distributed.launch(args)
