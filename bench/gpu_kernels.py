@@ -68,13 +68,17 @@ def dequant_sweep(shape: tuple[int, int] = (14336, 4096)) -> list[tuple[str, flo
     n = w.numel()
     moved = n // 2 + state.absmax.numel() + state.absmax2.numel() * 4 + n * 2
     rows = []
-    for tiled in (True, False):
-        for size in (512, 1024, 2048, 4096):
-            for warps in (2, 4, 8):
-                cfg = dict(tiled=tiled, bytes_per_program=size, num_warps=warps)
-                fn = lambda cfg=cfg: dequantize_state_triton(state, torch.bfloat16, **cfg)  # noqa: E731
-                ms = do_bench(fn, warmup=10, rep=50, return_mode="median")
-                rows.append((f"sweep {cfg}", ms * 1e3, moved / (ms / 1e3) / 1e12))
+    configs = [
+        dict(tiled=False, bytes_per_program=s, num_warps=w) for s in (1024, 2048) for w in (4, 8)
+    ]
+    configs += [
+        dict(tiled=True, bytes_per_program=s, num_warps=w, evict=e)
+        for s in (512, 1024, 2048, 4096) for w in (2, 4, 8) for e in ("", "evict_first")
+    ]  # fmt: skip
+    for cfg in configs:
+        fn = lambda cfg=cfg: dequantize_state_triton(state, torch.bfloat16, **cfg)  # noqa: E731
+        ms = do_bench(fn, warmup=10, rep=50, return_mode="median")
+        rows.append((f"sweep {cfg}", ms * 1e3, moved / (ms / 1e3) / 1e12))
     return sorted(rows, key=lambda r: r[1])[:6]
 
 

@@ -248,6 +248,10 @@ def run_spec(spec: str, args, batches: torch.Tensor) -> dict:
     times = result["times"][args.warmup :] or result["times"]
     result["step_s"] = statistics.median(times)
     result["tok_s"] = batches.shape[1] * batches.shape[2] / result["step_s"]
+    if impl == "slim":
+        from slimtune.fast_ops import unpatch_rope
+
+        unpatch_rope()  # transformers' RoPE is module-level: give PEFT runs the original back
     del model, loss_fn
     gc.collect()
     if args.device == "cuda":

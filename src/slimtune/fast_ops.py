@@ -77,6 +77,36 @@ if triton is not None:
         da = dh * b * s * (1.0 + a * (1.0 - s))
         tl.store(da_ptr + idx, da.to(da_ptr.dtype.element_ty), mask=mask)
 
+    @triton.jit
+    def _rope_kernel(
+        x_ptr, out_ptr, cos_ptr, sin_ptr, H, T,
+        sxb, sxh, sxt, sob, soh, sot, scb, sct,
+        HALF: tl.constexpr, ROWS: tl.constexpr, BACKWARD: tl.constexpr,
+    ):  # fmt: skip
+        """ROWS positions of one (batch, head): x = [x1, x2] -> [x1 c1 - x2 s1, x2 c2 + x1 s2]."""
+        bh = tl.program_id(0)
+        b, h = bh // H, bh % H
+        t = tl.program_id(1) * ROWS + tl.arange(0, ROWS)  # (ROWS,)
+        c = tl.arange(0, HALF)  # (HALF,)
+        mask = (t < T)[:, None]
+        xp = x_ptr + b.to(tl.int64) * sxb + h * sxh + t[:, None].to(tl.int64) * sxt + c[None, :]
+        cp = b.to(tl.int64) * scb + t[:, None].to(tl.int64) * sct + c[None, :]
+        x1 = tl.load(xp, mask=mask, other=0.0).to(tl.float32)
+        x2 = tl.load(xp + HALF, mask=mask, other=0.0).to(tl.float32)
+        c1 = tl.load(cos_ptr + cp, mask=mask, other=0.0).to(tl.float32)
+        c2 = tl.load(cos_ptr + cp + HALF, mask=mask, other=0.0).to(tl.float32)
+        s1 = tl.load(sin_ptr + cp, mask=mask, other=0.0).to(tl.float32)
+        s2 = tl.load(sin_ptr + cp + HALF, mask=mask, other=0.0).to(tl.float32)
+        if BACKWARD:  # the transpose: d1 = g1 c1 + g2 s2,  d2 = g2 c2 - g1 s1
+            o1 = x1 * c1 + x2 * s2
+            o2 = x2 * c2 - x1 * s1
+        else:
+            o1 = x1 * c1 - x2 * s1
+            o2 = x2 * c2 + x1 * s2
+        op = out_ptr + b.to(tl.int64) * sob + h * soh + t[:, None].to(tl.int64) * sot + c[None, :]
+        tl.store(op, o1.to(out_ptr.dtype.element_ty), mask=mask)
+        tl.store(op + HALF, o2.to(out_ptr.dtype.element_ty), mask=mask)
+
 
 def _launch(kernel, t: Tensor, grid: tuple[int, ...], *args, num_warps: int = 4, **consts):
     """Run the compiled kernel on CUDA tensors, the interpreter's version on CPU ones."""
@@ -133,6 +163,43 @@ class _SwiGLU(torch.autograd.Function):
         return da, db
 
 
+def _rope_launch(x: Tensor, cos: Tensor, sin: Tensor, backward: bool) -> Tensor:
+    bsz, heads, seq, dim = x.shape  # (B, H, T, D), last dim contiguous
+    out = torch.empty_like(x)
+    rows = 16
+    grid = (bsz * heads, triton.cdiv(seq, rows))
+    scb = cos.stride(0) if cos.shape[0] > 1 else 0
+    _launch(
+        _rope_kernel, x, grid, x, out, cos, sin, heads, seq,
+        x.stride(0), x.stride(1), x.stride(2), out.stride(0), out.stride(1), out.stride(2),
+        scb, cos.stride(1), HALF=dim // 2, ROWS=rows, BACKWARD=backward,
+    )  # fmt: skip
+    return out
+
+
+class _RoPE(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q: Tensor, k: Tensor, cos: Tensor, sin: Tensor):
+        ctx.save_for_backward(cos, sin)
+        return _rope_launch(q, cos, sin, False), _rope_launch(k, cos, sin, False)
+
+    @staticmethod
+    def backward(ctx, gq: Tensor, gk: Tensor):
+        cos, sin = ctx.saved_tensors
+        dq = _rope_launch(gq.contiguous(), cos, sin, True)
+        dk = _rope_launch(gk.contiguous(), cos, sin, True)
+        return dq, dk, None, None
+
+
+def rope(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
+    """Rotary embedding of q, k (B, H, T, D) with cos, sin (B or 1, T, D), one kernel each way.
+
+    Su et al. 2021, arXiv:2104.09864, in transformers' rotate-half layout:
+    q' = q · cos + rotate_half(q) · sin,  rotate_half([x1, x2]) = [-x2, x1].
+    """
+    return _RoPE.apply(q, k, cos.contiguous(), sin.contiguous())
+
+
 def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
     """Llama's RMSNorm with a frozen weight, as one Triton kernel each way."""
     return _RMSNorm.apply(x, weight, eps)
@@ -158,9 +225,57 @@ def _mlp_forward(self, x: Tensor) -> Tensor:
     return type(self).forward(self, x)
 
 
+_ORIGINAL_ROPE: dict[str, object] = {}  # module name -> transformers' apply_rotary_pos_emb
+
+
+def _fast_rope_for(original):
+    def apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1, **kwargs):
+        dim = q.shape[-1]
+        usable = unsqueeze_dim == 1 and not kwargs and q.dim() == 4 and cos.dim() == 3
+        if usable and kernels_enabled(q) and dim // 2 & (dim // 2 - 1) == 0 and q.stride(-1) == 1:
+            return rope(q, k, cos, sin)
+        return original(q, k, cos, sin, unsqueeze_dim, **kwargs)
+
+    return apply_rotary_pos_emb
+
+
+def patch_rope(model: nn.Module) -> bool:
+    """Route transformers' apply_rotary_pos_emb of the model's modeling module to `rope`.
+
+    The function is module-level in transformers, so this holds for every model of that
+    architecture in the process (CPU tensors and other layouts still take the original);
+    `unpatch_rope()` restores it.
+    """
+    import sys
+
+    name = type(model).__module__
+    module = sys.modules.get(name)
+    if module is None or not hasattr(module, "apply_rotary_pos_emb") or name in _ORIGINAL_ROPE:
+        return name in _ORIGINAL_ROPE
+    _ORIGINAL_ROPE[name] = module.apply_rotary_pos_emb
+    module.apply_rotary_pos_emb = _fast_rope_for(module.apply_rotary_pos_emb)
+    return True
+
+
+def unpatch_rope() -> None:
+    """Put transformers' own apply_rotary_pos_emb back everywhere `patch_rope` replaced it."""
+    import sys
+
+    for name, original in _ORIGINAL_ROPE.items():
+        sys.modules[name].apply_rotary_pos_emb = original
+    _ORIGINAL_ROPE.clear()
+
+
 def patch_llama(model: nn.Module) -> int:
-    """Route RMSNorm and SiLU-gated MLP modules through the Triton kernels; returns how many."""
+    """Route RMSNorm, SiLU-gated MLP modules and RoPE through the Triton kernels.
+
+    Returns how many modules now take the fast path (RoPE: see `patch_rope`).
+    """
     count = 0
+    for module in model.modules():
+        if "Attention" in type(module).__name__ and hasattr(module, "q_proj"):
+            patch_rope(module)
+            break
     for module in model.modules():
         if type(module).__name__ in _NORMS:
             module.forward = types.MethodType(_norm_forward, module)

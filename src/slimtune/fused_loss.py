@@ -37,7 +37,9 @@ if triton is not None:
     import triton.language as tl
 
     @triton.jit
-    def _ce_rows_kernel(z_ptr, y_ptr, scale_ptr, loss_ptr, vocab, BLOCK: tl.constexpr):
+    def _ce_rows_kernel(
+        z_ptr, y_ptr, scale_ptr, loss_ptr, vocab: tl.constexpr, BLOCK: tl.constexpr
+    ):
         """One row of logits: loss = lse - z[y]; z is overwritten by (softmax - onehot) · scale."""
         row = tl.program_id(0).to(tl.int64)
         base = z_ptr + row * vocab

@@ -95,6 +95,7 @@ if triton is not None:
         DOUBLE: tl.constexpr,
         BF16: tl.constexpr,
         ROWS: tl.constexpr,
+        EVICT: tl.constexpr = "",
     ):
         """Same result, tiled (ROWS quantization blocks, BLOCKSIZE/2 bytes): one absmax per row."""
         HALF: tl.constexpr = BLOCKSIZE // 2
@@ -120,7 +121,7 @@ if triton is not None:
         else:
             vals = vals.to(out_ptr.dtype.element_ty)
         idx = blk[:, None] * BLOCKSIZE + tl.arange(0, BLOCKSIZE)[None, :]  # (ROWS, BLOCKSIZE)
-        tl.store(out_ptr + idx, vals, mask=idx < n)
+        tl.store(out_ptr + idx, vals, mask=idx < n, eviction_policy=EVICT)
 
 
 @cache
@@ -151,6 +152,7 @@ def dequantize_nf4_triton(
     bytes_per_program: int = _BYTES_PER_PROGRAM,
     num_warps: int = _NUM_WARPS,
     tiled: bool = _TILED,
+    evict: str = "",
 ) -> Tensor:
     """Dequantize packed 4-bit codes to ``dtype`` with one Triton launch.
 
@@ -186,7 +188,7 @@ def dequantize_nf4_triton(
     extra = {"enable_fp_fusion": False, "num_warps": num_warps}
     if packed.device.type == "cpu":
         kernel, extra = _interpreted(kernel), {}
-    extra |= {"ROWS": rows} if tiled else {"BYTES": bytes_per_program}
+    extra |= {"ROWS": rows, "EVICT": evict} if tiled else {"BYTES": bytes_per_program}
     kernel[grid](
         packed.reshape(-1).view(torch.uint8),
         absmax.reshape(-1),
