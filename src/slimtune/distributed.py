@@ -170,8 +170,9 @@ def shard_model(model: nn.Module, device: torch.device) -> nn.Module:
 
     shardable_quant_storage(model)
     mesh = init_device_mesh(device.type, (world_size(),))
+    reshard = world_size() > 1  # one process: gather once per step, not again in backward
     for layer in decoder_layers(model):
-        fully_shard(layer, mesh=mesh)
+        fully_shard(layer, mesh=mesh, reshard_after_forward=reshard)
     fully_shard(model, mesh=mesh)
     for module in model.modules():
         if isinstance(module, FSDPModule):  # sum the gradients (the loss is already averaged
