@@ -116,3 +116,20 @@ def test_quantize_model_errors():
         st.quantize_model(model, "q4")
     with pytest.raises(SlimtuneError, match="100"):
         st.quantize_model(model, "nf4", blocksize=100)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_layer_matches_cpu_reference_bf16():
+    torch.manual_seed(0)
+    linear = nn.Linear(576, 1536)
+    layer = QuantLinear(st.quant.quantize(linear.weight.data, "nf4"), linear.bias)
+    reference = layer.dequantize_weight(torch.bfloat16)  # CPU torch reference
+    layer.to("cuda", torch.bfloat16)  # statistics keep fp32; codes stay uint8
+    assert torch.equal(layer.dequantize_weight(torch.bfloat16).cpu(), reference)
+    x = torch.randn(4, 576, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    y = layer(x)
+    y.sum().backward()
+    w = reference.cuda()
+    torch.testing.assert_close(y, x.detach() @ w.T + layer.bias, rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(x.grad, torch.ones_like(y) @ w, rtol=2e-2, atol=2e-2)

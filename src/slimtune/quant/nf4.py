@@ -83,7 +83,7 @@ def blockwise_absmax(flat: Tensor, blocksize: int) -> tuple[Tensor, Tensor]:
     full = n - n % blocksize
     grid = flat[:full].view(-1, blocksize)  # (full blocks, blocksize)
     absmax = grid.abs().amax(dim=1)
-    scaled = torch.clamp(grid * (1.0 / absmax.clamp(min=1e-38).view(-1, 1)), -1, 1).reshape(-1)
+    scaled = (grid * (1.0 / absmax.clamp(min=1e-38).view(-1, 1))).clamp_(-1, 1).reshape(-1)
     if full < n:
         last = flat[full:].abs().max().clamp(min=1e-38)
         absmax = torch.cat([absmax, last.view(1)])
@@ -101,9 +101,10 @@ def quantize_4bit(w: Tensor, quant_type: str = "nf4", blocksize: int = 64) -> tu
     absmax, scaled = blockwise_absmax(w.reshape(-1).float(), blocksize)
     if scaled.numel() % 2:
         scaled = torch.nn.functional.pad(scaled, (0, 1))
-    index = torch.bucketize(scaled, bounds.to(scaled.device), out_int32=True)
-    codes = order.to(scaled.device)[index].to(torch.uint8)  # (2k,)
-    return (codes[0::2] << 4) | codes[1::2], absmax
+    index = torch.bucketize(scaled, bounds.to(scaled.device), out_int32=True)  # (2k,)
+    if quant_type != "nf4":  # NF4's levels are sorted: position = code
+        index = order.to(device=scaled.device, dtype=torch.int32)[index]
+    return ((index[0::2] << 4) | index[1::2]).to(torch.uint8), absmax
 
 
 def unpack_4bit(codes: Tensor, n: int) -> Tensor:
