@@ -10,13 +10,12 @@ import slimtune as st
 from slimtune.errors import SlimtuneError
 from slimtune.quant.linear import QuantLinear, quantization_of, quantized_layers
 
-bnbf = pytest.importorskip("bitsandbytes.functional")
-from bitsandbytes.backends.default import ops as bnb_default  # noqa: E402
-
 
 def _bnb_weight(w: torch.Tensor, quant_type: str = "nf4") -> torch.Tensor:
     """bitsandbytes' dequantized weight through its pure-torch backend, which is right for
     every shape (its AVX-512 kernel mis-indexes absmax when a row is not whole blocks)."""
+    bnbf = pytest.importorskip("bitsandbytes.functional")
+    bnb_default = pytest.importorskip("bitsandbytes.backends.default.ops")
     packed, state = bnbf.quantize_4bit(
         w, blocksize=64, compress_statistics=True, quant_type=quant_type
     )
@@ -45,6 +44,7 @@ def test_forward_and_input_gradient_match_hand_computation(quant_type):
 
 
 def test_int8_layer_matches_bitsandbytes():
+    bnbf = pytest.importorskip("bitsandbytes.functional")
     torch.manual_seed(1)
     w = torch.randn(40, 70)
     codes, stats, _ = bnbf.int8_vectorwise_quant(w.clone())
