@@ -75,7 +75,13 @@ def init_from_env(device: str | None = None) -> bool:
         return is_distributed()
     cuda = torch.cuda.is_available() and (device is None or device.startswith("cuda"))
     if cuda:
-        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+        local, count = int(os.environ["LOCAL_RANK"]), torch.cuda.device_count()
+        if local >= count:
+            raise SlimtuneError(
+                f"process {local} has no GPU of its own ({count} found): start at most {count} "
+                "processes per node, or train on the CPU with --config holding 'device: cpu'"
+            )
+        torch.cuda.set_device(local)
     dist.init_process_group("nccl" if cuda else "gloo")
     return True
 
