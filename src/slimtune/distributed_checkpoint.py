@@ -101,6 +101,10 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
     own = path / f"rng-{rank()}.safetensors"
     same_world = state.get("world_size") == world_size() and own.is_file()
     checkpoint.restore_rng(load_file(str(own if same_world else path / "rng-0.safetensors")))
+    barrier()
+    if is_main():  # what a save cut short by a kill left behind
+        for leftover in path.parent.glob(".tmp-*"):
+            shutil.rmtree(leftover, ignore_errors=True)
     return state
 
 

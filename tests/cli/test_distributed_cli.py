@@ -7,6 +7,7 @@ uninterrupted run ends. The adapters have no empty tensor and load in PEFT.
 """
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -73,9 +74,13 @@ def assert_same_run(run, ref):
 
 
 def cut_after_first_checkpoint(run, copy):
-    """The run directory as a kill between the step-2 and step-4 checkpoints leaves it."""
+    """The run directory as a kill in step 4 leaves it: the step-4 checkpoint half-written
+    under its temporary name, the step-4 metrics line cut."""
     shutil.copytree(run, copy)
-    shutil.rmtree(copy / "checkpoints" / "step-000004")
+    os.replace(copy / "checkpoints" / "step-000004", copy / "checkpoints" / ".tmp-step-000004")
+    (copy / "checkpoints" / ".tmp-step-000004" / "state.json").unlink()
+    lines = (copy / "metrics.jsonl").read_text().splitlines(keepends=True)
+    (copy / "metrics.jsonl").write_text("".join(lines[:3]) + lines[3][:20])
     shutil.rmtree(copy / "adapter")
     (copy / "summary.json").unlink()
     return copy
@@ -117,6 +122,7 @@ def test_two_process_run_resumes_on_one(runs, request, tmp_path):
     one, two = request.getfixturevalue(runs)
     cut = cut_after_first_checkpoint(two, tmp_path / "cut")
     assert main(["train", "--out", str(cut), "--resume", "--quiet"]) == 0
+    assert sorted(p.name for p in (cut / "checkpoints").iterdir()) == ["step-000002", "step-000004"]
     assert_same_run(cut, two)
     assert_same_run(cut, one)
 
