@@ -34,7 +34,7 @@ except ImportError:  # pragma: no cover - exercised where triton is absent
     tl = None
 
 _BYTES_PER_PROGRAM = 1024  # each program reads 1024 bytes and writes 2048 values
-_NUM_WARPS = 4
+_NUM_WARPS = 2  # best of the launch sweep on an H100 (bench/NOTES.md, run 7)
 _TILED = True  # the (blocks, blocksize/2) tiling: one statistics load per block
 
 if triton is not None:
