@@ -104,3 +104,46 @@ def test_nproc_under_torchrun_is_refused(monkeypatch):
     args = build_parser().parse_args(["train", "--out", "r", "--nproc", "2"])
     with pytest.raises(SlimtuneError, match="already started"):
         distributed.launch(args)
+
+
+def lora_mlp(rank: int) -> tuple[nn.Module, torch.optim.Optimizer]:
+    import slimtune as st
+
+    torch.manual_seed(0)
+    model = nn.Sequential()
+    model.add_module("up", nn.Linear(8, 16))
+    model = st.add_adapter(model, st.LoraConfig(r=rank, lora_alpha=rank, target_modules=["up"]))
+    params = [p for p in model.parameters() if p.requires_grad]
+    return model, torch.optim.AdamW(params, lr=0.1)
+
+
+def test_dcp_checkpoint_loads_in_one_process(tmp_path):
+    """A DCP directory (written here by dcp.save itself) loads with no process group."""
+    import torch.distributed.checkpoint as dcp
+    from safetensors.torch import save_file
+
+    from slimtune.distributed_checkpoint import load_checkpoint
+
+    path = tmp_path / "checkpoints" / "step-000001"
+    names = ["up.lora_A.default.weight", "up.lora_B.default.weight"]
+    saved = {"model": {n: torch.randn(s) for n, s in zip(names, [(4, 8), (16, 4)], strict=True)}}
+    moments = {n: {"step": torch.tensor(3.0), "exp_avg": torch.randn_like(t),
+                   "exp_avg_sq": torch.rand_like(t)} for n, t in saved["model"].items()}  # fmt: skip
+    model, optimizer = lora_mlp(4)
+    groups = [{**optimizer.param_groups[0], "params": names}]
+    saved["optim"] = {"state": moments, "param_groups": groups}
+    dcp.save(saved, checkpoint_id=str(path), no_dist=True)
+    save_file({"torch": torch.get_rng_state()}, str(path / "rng-0.safetensors"))
+    (path / "state.json").write_text(json.dumps({"step": 1, "micro_batches": 2, "world_size": 2}))
+
+    state = load_checkpoint(path, model, optimizer)
+    assert state["world_size"] == 2
+    params = dict(model.named_parameters())
+    for name in names:
+        torch.testing.assert_close(params[name].detach(), saved["model"][name], rtol=0, atol=0)
+        got = optimizer.state[params[name]]
+        torch.testing.assert_close(got["exp_avg_sq"], moments[name]["exp_avg_sq"], rtol=0, atol=0)
+        assert float(got["step"]) == 3.0
+    other_rank, other_optimizer = lora_mlp(2)
+    with pytest.raises(SlimtuneError, match="does not match the model's trainable parameters"):
+        load_checkpoint(path, other_rank, other_optimizer)

@@ -84,15 +84,27 @@ def save_checkpoint(
 
 def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
     """Load trainable weights, AdamW state and RNG state in place (any layout, any W)."""
-    if not (path / DCP_METADATA).is_file():
-        if not is_distributed():
-            return checkpoint.load_checkpoint(path, model, optimizer)
-        return _load_whole_into_shards(path, model, optimizer)
+    if not (path / DCP_METADATA).is_file() and not is_distributed():
+        return checkpoint.load_checkpoint(path, model, optimizer)
+    if (path / DCP_METADATA).is_file():
+        state = _load_dcp(path, model, optimizer)
+    else:
+        state = _load_whole_into_shards(path, model, optimizer)
+    barrier()
+    if is_main():  # what a save cut short by a kill left behind
+        for leftover in path.parent.glob(".tmp-*"):
+            shutil.rmtree(leftover, ignore_errors=True)
+    return state
+
+
+def _load_dcp(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    """A DCP checkpoint, written by any number of processes, into this one's shards."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import set_state_dict
 
     state = json.loads((path / "state.json").read_text())
     loaded = _state_dicts(model, optimizer)
+    _check_matches(path, loaded["model"])
     with warnings.catch_warnings():  # DCP warns that it loads in one process: we meant that
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
         dcp.load(loaded, checkpoint_id=str(path), no_dist=not is_distributed())
@@ -101,11 +113,22 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
     own = path / f"rng-{rank()}.safetensors"
     same_world = state.get("world_size") == world_size() and own.is_file()
     checkpoint.restore_rng(load_file(str(own if same_world else path / "rng-0.safetensors")))
-    barrier()
-    if is_main():  # what a save cut short by a kill left behind
-        for leftover in path.parent.glob(".tmp-*"):
-            shutil.rmtree(leftover, ignore_errors=True)
     return state
+
+
+def _check_matches(path: Path, trainable: dict) -> None:
+    """The checkpoint holds exactly the model's trainable parameters, with their shapes."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    saved = FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    names = {f"model.{n}" for n in trainable} | {k for k in saved if k.startswith("model.")}
+    for key in sorted(names):
+        tensor, meta = trainable.get(key.removeprefix("model.")), saved.get(key)
+        if tensor is None or meta is None or tuple(meta.size) != tuple(tensor.shape):
+            raise SlimtuneError(
+                f"checkpoint {path} does not match the model's trainable parameters "
+                f"(e.g. {key.removeprefix('model.')}); resume with the same settings"
+            )
 
 
 def _load_whole_into_shards(path: Path, model: nn.Module, optimizer) -> dict:
