@@ -6,6 +6,7 @@ slimtune eval --model smollm2-135m --adapter runs/a/adapter --data test.jsonl --
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 from typing import Any
 
@@ -19,16 +20,29 @@ def load_for_inference(model_spec: str, adapter: str | None, quantize: str | Non
     if adapter is not None and not Path(adapter).is_dir():
         raise SlimtuneError(f"--adapter {adapter} is not a directory (give RUN/adapter)")
     model, tokenizer = load_model(model_spec)
-    if quantize:
+    record = {"quant": quantize, "skip": ["lm_head"]} if quantize else trained_quantization(adapter)
+    if record:
         from slimtune.quant.linear import quantize_model
 
-        quantize_model(model, quantize, skip=["lm_head"])
+        settings = {k: record[k] for k in ("blocksize", "double_quant", "threshold") if k in record}
+        quantize_model(model, record["quant"], skip=record.get("skip", ["lm_head"]), **settings)
     if adapter is not None:
         from slimtune.io import load_adapter
 
         model = load_adapter(model, adapter)
     model.eval()
     return model, tokenizer
+
+
+def trained_quantization(adapter: str | None) -> dict[str, Any] | None:
+    """How the base of a QLoRA adapter was quantized in training (from its file's metadata)."""
+    if adapter is None:
+        return None
+    from slimtune.io import read_adapter_metadata
+    from slimtune.quant.linear import METADATA_KEY
+
+    text = read_adapter_metadata(adapter).get(METADATA_KEY)
+    return json.loads(text) if text else None
 
 
 def table(result: dict[str, Any]) -> str:
@@ -45,8 +59,8 @@ def table(result: dict[str, Any]) -> str:
         head.append("exact match")
         cells.append(f"{100 * result['exact_match']:.1f}%")
     widths = [max(len(h), len(c)) for h, c in zip(head, cells, strict=True)]
-    line = "  ".join(h.ljust(w) for h, w in zip(head, widths, strict=True))
-    return line + "\n" + "  ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True))
+    line = "  ".join(h.ljust(w) for h, w in zip(head, widths, strict=True)).rstrip()
+    return line + "\n" + "  ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)).rstrip()
 
 
 def run(args: argparse.Namespace) -> int:
@@ -64,7 +78,10 @@ def run(args: argparse.Namespace) -> int:
     result = evaluate(
         model, tokenizer, data, max_length=max_length, batch_size=args.batch_size or 8
     )
-    result.update(model=str(args.model), adapter=args.adapter, quantize=args.quantize)
+    trained = trained_quantization(args.adapter) or {}
+    result.update(
+        model=str(args.model), adapter=args.adapter, quantize=args.quantize or trained.get("quant")
+    )
     print(table(result))
     if args.json:
         write_json(Path(args.json), result)
