@@ -146,7 +146,7 @@ def test_gguf_metadata_carries_tokenizer_and_chat_template(tmp_path, tokenizer):
     specials = [tokenizer.convert_tokens_to_ids(t) for t in ("<|im_start|>", "<|im_end|>")]
     assert [types[i] for i in specials] == [3, 3] and types[-1] == 5 and types[100] == 1
     assert fields["tokenizer.ggml.model"].contents() == "gpt2"
-    assert fields["tokenizer.ggml.pre"].contents() == "gpt2"
+    assert fields["tokenizer.ggml.pre"].contents() == "gpt-2"  # llama-vocab.cpp spelling
     assert fields["tokenizer.ggml.bos_token_id"].contents() == tokenizer.bos_token_id
     assert fields["tokenizer.ggml.eos_token_id"].contents() == tokenizer.eos_token_id
     assert fields["tokenizer.ggml.padding_token_id"].contents() == tokenizer.pad_token_id
