@@ -24,7 +24,7 @@ Bauer Russo Ivanova Holm Marin Engel Park Falk Moreno Vogel Laine Barros Stein K
 Blom Ferreira Winter Cruz""".split()
 CITY = """Oslo Lisbon Vienna Porto Dublin Bergen Lyon Krakow Kyoto Munich Turin Beirut Leipzig Quito
 Szeged Malmo Nantes Sofia Galway Recife Zurich Tampere Osaka Split Braga Basel Debrecen Aarhus Seville
-Odense Graz Naples Riga Uppsala Bilbao Ghent Busan Lund Madrid Bremen Tartu Santos Bonn Pecs Rome Cairo
+Odense Graz Naples Riga Uppsala Bilbao Ghent Busan Linz Madrid Bremen Tartu Santos Bonn Pecs Rome Cairo
 Gdansk Lima Bern Cork""".split()
 JOB = """baker pilot nurse teacher farmer painter lawyer chemist sailor dentist plumber writer
 architect librarian florist butcher engineer pharmacist jeweler carpenter""".split()
