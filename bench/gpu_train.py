@@ -8,11 +8,13 @@ memory during training (weights included) and the loss per step, with ratios.
     python bench/gpu_train.py --shape 1b --steps 12
     python bench/gpu_train.py --shape 8b --runs peft:qlora,slim:qlora,slim:qlora:offload
 
-Run specs are impl:method[:option...]: impl peft|slim, method lora|qlora, options
-offload (checkpoint inputs to CPU), ligerops (liger-kernel RMSNorm/RoPE/SwiGLU), ligerce
-(liger's fused linear cross-entropy instead of slimtune's), liger (both), nockpt (no
-activation checkpointing), ckpt=F (checkpoint a share F of the layers), fastops (slimtune's
-Triton RMSNorm and SwiGLU).
+Run specs are impl:method[:option...]: impl peft|slim, method lora|qlora|full (full: slim
+only, every weight trains), options offload (checkpoint inputs to CPU), ligerops
+(liger-kernel RMSNorm/RoPE/SwiGLU), ligerce (liger's fused linear cross-entropy instead of
+slimtune's), liger (both), nockpt (no activation checkpointing), ckpt=F (checkpoint a share
+F of the layers), fastops (slimtune's Triton RMSNorm, SwiGLU and RoPE), optim=adamw|paged|8bit
+(torch AdamW, slimtune.optim.PagedAdamW or AdamW8bit). "vs base" compares with the PEFT run
+of the same method, or else with the method's first run.
 PEFT runs as HF Trainer(bf16=True) would: bf16 autocast, gradient checkpointing, and for
 QLoRA bnb Linear4bit NF4 + double quant after prepare_model_for_kbit_training.
 """
@@ -125,7 +127,7 @@ def setup_slim(model: nn.Module, method: str, opts: set[str]):
     from slimtune.checkpointing import enable_checkpointing
     from slimtune.fused_loss import causal_lm_loss
 
-    model.requires_grad_(False)
+    model.requires_grad_(method == "full")
     if opts & {"liger", "ligerops"}:
         from liger_kernel.transformers import apply_liger_kernel_to_llama
 
@@ -133,8 +135,9 @@ def setup_slim(model: nn.Module, method: str, opts: set[str]):
                                     fused_linear_cross_entropy=False, model=model)  # fmt: skip
     if method == "qlora":
         st.quantize_model(model, "nf4", skip=("lm_head",), blocksize=64, double_quant=True)
-    cfg = st.LoraConfig(r=16, lora_alpha=16, lora_dropout=0.0, target_modules=TARGETS)
-    model = st.add_adapter(model, cfg)
+    if method != "full":
+        cfg = st.LoraConfig(r=16, lora_alpha=16, lora_dropout=0.0, target_modules=TARGETS)
+        model = st.add_adapter(model, cfg)
     fraction = 0.0 if "nockpt" in opts else 1.0
     for opt in opts:
         if opt.startswith("ckpt="):
@@ -158,9 +161,19 @@ def setup_slim(model: nn.Module, method: str, opts: set[str]):
     return model, lambda ids: causal_lm_loss(model, ids, ids)
 
 
-def train(model, loss_fn, batches: torch.Tensor, lr: float, profile: bool = False) -> dict:
+def make_optimizer(name: str, params: list, lr: float) -> torch.optim.Optimizer:
+    """adamw (torch, states in the parameters' dtype), paged or 8bit (slimtune.optim)."""
+    from slimtune.optim import AdamW8bit, PagedAdamW
+
+    table = {"adamw": torch.optim.AdamW, "paged": PagedAdamW, "8bit": AdamW8bit}
+    return table[name](params, lr=lr, weight_decay=0.0)
+
+
+def train(model, loss_fn, batches, lr: float, profile: bool = False, optim: str = "adamw") -> dict:
+    from slimtune.optim import state_bytes
+
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    opt = make_optimizer(optim, params, lr)
     model.train()
     cuda = batches.is_cuda
     if cuda:
@@ -199,7 +212,8 @@ def train(model, loss_fn, batches: torch.Tensor, lr: float, profile: bool = Fals
         )
         del losses[-2:], times[-2:]
     n_train = sum(p.numel() for p in params)
-    return dict(losses=losses, times=times, peak_gib=peak, trainable=n_train)
+    states = state_bytes(opt, "cuda") / 2**30 if cuda else float("nan")
+    return dict(losses=losses, times=times, peak_gib=peak, trainable=n_train, state_gib=states)
 
 
 def flops_per_token(shape: str, seq: int, trainable: int) -> float:
@@ -242,7 +256,9 @@ def run_spec(spec: str, args, batches: torch.Tensor) -> dict:
     if args.device == "cuda":
         gc.collect()
         torch.cuda.empty_cache()
-    result = train(model, loss_fn, batches, args.lr, profile=spec in args.profile.split(","))
+    optim = next((o[6:] for o in opts if o.startswith("optim=")), "adamw")
+    profile = spec in args.profile.split(",")
+    result = train(model, loss_fn, batches, args.lr, profile=profile, optim=optim)
     result.update(spec=spec, adapted=n, build_s=t_build, setup_s=t_setup,
                   first_step_s=result["times"][0])  # fmt: skip
     times = result["times"][args.warmup :] or result["times"]
@@ -264,13 +280,14 @@ def print_table(results: list[dict], args, peak_tflops: float) -> None:
     base = {}
     for r in results:
         method = r["spec"].split(":")[1]
-        if r["spec"].startswith("peft:") and method not in base:
-            base[method] = r
+        if method not in base or (
+            r["spec"].startswith("peft:") and base[method]["spec"][:5] != "peft:"
+        ):
+            base[method] = r  # PEFT's run of the method, else the method's first run
     print(f"\nshape {args.shape}, batch {args.batch}x{seq}, {args.steps} steps "
           f"(median of steps {args.warmup + 1}..{args.steps}); matmul {peak_tflops:.0f} TFLOP/s")  # fmt: skip
-    head = (
-        "| run | tok/s | vs PEFT | peak GiB | vs PEFT | MFU | first step s | loss 1 | loss last |"
-    )
+    head = "| run | tok/s | vs base | peak GiB | vs base | optim. state GiB | MFU | 1st step s"
+    head += " | loss 1 | loss last |"
     print(head)
     print("|" + "---|" * (head.count("|") - 1))
     for r in results:
@@ -279,7 +296,7 @@ def print_table(results: list[dict], args, peak_tflops: float) -> None:
         mem = r["peak_gib"] / ref["peak_gib"] if ref else float("nan")
         mfu = flops_per_token(args.shape, seq, r["trainable"]) * r["tok_s"] / (peak_tflops * 1e12)
         print(f"| {r['spec']} | {r['tok_s']:,.0f} | {speed:.2f}x | {r['peak_gib']:.1f} | "
-              f"{mem:.2f}x | {mfu:.0%} | {r['first_step_s']:.1f} | {r['losses'][0]:.4f} | "
+              f"{mem:.2f}x | {r['state_gib']:.2f} | {mfu:.0%} | {r['first_step_s']:.1f} | {r['losses'][0]:.4f} | "
               f"{r['losses'][-1]:.4f} |")  # fmt: skip
     for method, ref in base.items():
         for r in results:

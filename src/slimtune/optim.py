@@ -1,0 +1,158 @@
+"""AdamW with its state paged to CPU memory, or stored in 8 bits: less GPU memory per parameter.
+
+AdamW: Loshchilov & Hutter 2019, arXiv:1711.05101. 8-bit states: Dettmers et al. 2022,
+"8-bit Optimizers via Block-wise Quantization", arXiv:2110.02861. Paged optimizers are
+the third ingredient of QLoRA (Dettmers et al. 2023, arXiv:2305.14314).
+
+    m ← β1 m + (1 - β1) g,   v ← β2 v + (1 - β2) g²
+    θ ← θ - lr · ( m / (1 - β1ᵗ) / (sqrt(v / (1 - β2ᵗ)) + eps) + wd · θ )
+
+Full AdamW keeps m and v in fp32: 8 bytes per trained parameter on the GPU.
+- `PagedAdamW` keeps them in pinned CPU memory and brings one parameter's state to the
+  GPU at a time (0 bytes resident; costs two PCIe copies of the state per step).
+- `AdamW8bit` keeps them as 8-bit codes of the dynamic map in blocks of 256 with one fp32
+  absmax per block (≈ 2.03 bytes per parameter): m with the signed map, v with the
+  unsigned one; tensors under 4096 values keep fp32 state, as bitsandbytes does.
+"""
+
+from __future__ import annotations
+
+import math
+from functools import cache
+
+import torch
+from torch import Tensor
+
+from slimtune.quant.blockwise import dynamic_map
+
+BLOCK = 256  # values per absmax of an 8-bit state
+MIN_8BIT_SIZE = 4096  # smaller tensors keep fp32 state
+
+
+def adamw_step_(p: Tensor, g: Tensor, m: Tensor, v: Tensor, step: int, group: dict) -> None:
+    """One AdamW update of `p` (any float dtype) with fp32 moments `m`, `v` (in place)."""
+    beta1, beta2 = group["betas"]
+    lr, eps, wd = group["lr"], group["eps"], group["weight_decay"]
+    g = g.float()
+    m.mul_(beta1).add_(g, alpha=1 - beta1)
+    v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+    denom = (v / (1 - beta2**step)).sqrt_().add_(eps)
+    update = (m / (1 - beta1**step)).div_(denom)
+    if wd:
+        update.add_(p.float(), alpha=wd)
+    p.copy_((p.float() - lr * update).to(p.dtype))
+
+
+@cache
+def unsigned_dynamic_map() -> Tensor:
+    """bitsandbytes' `create_dynamic_map(signed=False)`: 256 sorted values in [0, 1]."""
+    data: list[float] = []
+    for i in range(7):
+        boundaries = torch.linspace(0.1, 1, 2 ** (i + 1) + 1, dtype=torch.float32)
+        means = (boundaries[:-1] + boundaries[1:]) / 2.0
+        data += ((10 ** (-6 + i)) * means).tolist()
+    return torch.tensor(sorted([*data, 0.0, 1.0]), dtype=torch.float32)
+
+
+def quantize_8bit(x: Tensor, code: Tensor) -> tuple[Tensor, Tensor]:
+    """Nearest code of each x / absmax (exact search), blocks of 256: (uint8 codes, fp32 absmax)."""
+    flat = x.reshape(-1).float()
+    pad = (-flat.numel()) % BLOCK
+    grid = torch.nn.functional.pad(flat, (0, pad)).view(-1, BLOCK)  # (blocks, 256)
+    absmax = grid.abs().amax(dim=1).clamp(min=1e-30)
+    scaled = (grid / absmax.unsqueeze(1)).reshape(-1)
+    midpoints = (code[1:] + code[:-1]) / 2
+    codes = torch.bucketize(scaled, midpoints).to(torch.uint8)
+    return codes, absmax
+
+
+def dequantize_8bit(codes: Tensor, absmax: Tensor, code: Tensor, numel: int) -> Tensor:
+    """code[q] · absmax per block, flat fp32 of `numel` values."""
+    return (code[codes.long()].view(-1, BLOCK) * absmax.unsqueeze(1)).reshape(-1)[:numel]
+
+
+@cache
+def _maps(device: torch.device) -> tuple[Tensor, Tensor]:
+    """The signed and unsigned dynamic maps, copied once per device."""
+    return dynamic_map().to(device), unsigned_dynamic_map().to(device)
+
+
+class PagedAdamW(torch.optim.Optimizer):
+    """AdamW whose fp32 moments live in pinned CPU memory and visit the GPU one tensor at a time."""
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0):
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = closure() if closure is not None else None
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if not state:
+                    pin = p.is_cuda
+                    state["step"] = 0
+                    state["exp_avg"] = torch.zeros(p.shape, dtype=torch.float32, pin_memory=pin)
+                    state["exp_avg_sq"] = torch.zeros(p.shape, dtype=torch.float32, pin_memory=pin)
+                state["step"] += 1
+                m = state["exp_avg"].to(p.device, non_blocking=True)
+                v = state["exp_avg_sq"].to(p.device, non_blocking=True)
+                adamw_step_(p, p.grad, m, v, state["step"], group)
+                if p.is_cuda:  # page out; the next parameter's copies queue behind these
+                    state["exp_avg"].copy_(m, non_blocking=True)
+                    state["exp_avg_sq"].copy_(v, non_blocking=True)
+        if any(p.is_cuda for g in self.param_groups for p in g["params"]):
+            torch.cuda.synchronize()  # the pinned buffers must hold the state before reuse
+        return loss
+
+
+class AdamW8bit(torch.optim.Optimizer):
+    """AdamW with m and v stored as blockwise 8-bit dynamic-map codes (fp32 math per step)."""
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0):
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = closure() if closure is not None else None
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    self._update(p, group)
+        return loss
+
+    def _update(self, p: Tensor, group: dict) -> None:
+        state, n = self.state[p], p.numel()
+        if not state:
+            state["step"] = 0
+            if n < MIN_8BIT_SIZE:
+                state["exp_avg"] = torch.zeros(p.shape, dtype=torch.float32, device=p.device)
+                state["exp_avg_sq"] = torch.zeros(p.shape, dtype=torch.float32, device=p.device)
+            else:
+                blocks = math.ceil(n / BLOCK)
+                for name in ("m", "v"):
+                    codes = torch.zeros(blocks * BLOCK, dtype=torch.uint8, device=p.device)
+                    state[f"{name}_codes"] = codes
+                    state[f"{name}_absmax"] = torch.zeros(blocks, device=p.device)
+        state["step"] += 1
+        if n < MIN_8BIT_SIZE:
+            adamw_step_(p, p.grad, state["exp_avg"], state["exp_avg_sq"], state["step"], group)
+            return
+        signed, unsigned = _maps(p.device)
+        m = dequantize_8bit(state["m_codes"], state["m_absmax"], signed, n).view(p.shape)
+        v = dequantize_8bit(state["v_codes"], state["v_absmax"], unsigned, n).view(p.shape)
+        adamw_step_(p, p.grad, m, v, state["step"], group)
+        state["m_codes"], state["m_absmax"] = quantize_8bit(m, signed)
+        state["v_codes"], state["v_absmax"] = quantize_8bit(v, unsigned)
+
+
+def state_bytes(optimizer: torch.optim.Optimizer, device: str = "cuda") -> int:
+    """Bytes of optimizer state held on `device` (a device type: "cuda" or "cpu")."""
+    total = 0
+    for state in optimizer.state.values():
+        for value in state.values():
+            if isinstance(value, Tensor) and value.device.type == device:
+                total += value.numel() * value.element_size()
+    return total
