@@ -45,6 +45,8 @@ _EXPORTS: dict[str, str] = {
     "train": "slimtune.train",
     "evaluate": "slimtune.evaluate",
     "generate": "slimtune.evaluate",
+    "compare": "slimtune.compare",
+    "CompareSettings": "slimtune.compare",
     "export_safetensors": "slimtune.export",
     "export_gguf": "slimtune.export",
     "export_gguf_lora": "slimtune.export",
