@@ -8,11 +8,13 @@ the third ingredient of QLoRA (Dettmers et al. 2023, arXiv:2305.14314).
     θ ← θ - lr · ( m / (1 - β1ᵗ) / (sqrt(v / (1 - β2ᵗ)) + eps) + wd · θ )
 
 Full AdamW keeps m and v in fp32: 8 bytes per trained parameter on the GPU.
-- `PagedAdamW` keeps them in pinned CPU memory and brings one parameter's state to the
-  GPU at a time (0 bytes resident; costs two PCIe copies of the state per step).
+- `PagedAdamW` keeps them in pinned CPU memory and brings them to the GPU a chunk of 4M
+  values at a time (0 bytes resident; costs two PCIe copies of the state per step).
 - `AdamW8bit` keeps them as 8-bit codes of the dynamic map in blocks of 256 with one fp32
   absmax per block (≈ 2.03 bytes per parameter): m with the signed map, v with the
   unsigned one; tensors under 4096 values keep fp32 state, as bitsandbytes does.
+Both update a large tensor in chunks, so the fp32 temporaries of a step stay ~100 MB
+however large the embedding is.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from slimtune.quant.blockwise import dynamic_map
 
 BLOCK = 256  # values per absmax of an 8-bit state
 MIN_8BIT_SIZE = 4096  # smaller tensors keep fp32 state
+CHUNK = 1 << 22  # values updated at once (a multiple of BLOCK): bounds fp32 temporaries
 
 
 def adamw_step_(p: Tensor, g: Tensor, m: Tensor, v: Tensor, step: int, group: dict) -> None:
@@ -77,8 +80,13 @@ def _maps(device: torch.device) -> tuple[Tensor, Tensor]:
     return dynamic_map().to(device), unsigned_dynamic_map().to(device)
 
 
+def _chunks(n: int) -> list[tuple[int, int]]:
+    """[start, end) slices of CHUNK values: the fp32 temporaries of one update stay small."""
+    return [(s, min(s + CHUNK, n)) for s in range(0, n, CHUNK)]
+
+
 class PagedAdamW(torch.optim.Optimizer):
-    """AdamW whose fp32 moments live in pinned CPU memory and visit the GPU one tensor at a time."""
+    """AdamW whose fp32 moments live in pinned CPU memory and visit the GPU a chunk at a time."""
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0):
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
@@ -88,28 +96,32 @@ class PagedAdamW(torch.optim.Optimizer):
         loss = closure() if closure is not None else None
         for group in self.param_groups:
             for p in group["params"]:
-                if p.grad is None:
-                    continue
-                state = self.state[p]
-                if not state:
-                    pin = p.is_cuda
-                    state["step"] = 0
-                    state["exp_avg"] = torch.zeros(p.shape, dtype=torch.float32, pin_memory=pin)
-                    state["exp_avg_sq"] = torch.zeros(p.shape, dtype=torch.float32, pin_memory=pin)
-                state["step"] += 1
-                m = state["exp_avg"].to(p.device, non_blocking=True)
-                v = state["exp_avg_sq"].to(p.device, non_blocking=True)
-                adamw_step_(p, p.grad, m, v, state["step"], group)
-                if p.is_cuda:  # page out; the next parameter's copies queue behind these
-                    state["exp_avg"].copy_(m, non_blocking=True)
-                    state["exp_avg_sq"].copy_(v, non_blocking=True)
+                if p.grad is not None:
+                    self._update(p, group)
         if any(p.is_cuda for g in self.param_groups for p in g["params"]):
             torch.cuda.synchronize()  # the pinned buffers must hold the state before reuse
         return loss
 
+    def _update(self, p: Tensor, group: dict) -> None:
+        state, n = self.state[p], p.numel()
+        if not state:
+            pin = p.is_cuda
+            state["step"] = 0
+            state["exp_avg"] = torch.zeros(n, dtype=torch.float32, pin_memory=pin)  # flat
+            state["exp_avg_sq"] = torch.zeros(n, dtype=torch.float32, pin_memory=pin)
+        state["step"] += 1
+        flat_p, flat_g = p.view(-1), p.grad.reshape(-1)  # parameters are contiguous
+        for s, e in _chunks(n):
+            m = state["exp_avg"][s:e].to(p.device, non_blocking=True)  # page in
+            v = state["exp_avg_sq"][s:e].to(p.device, non_blocking=True)
+            adamw_step_(flat_p[s:e], flat_g[s:e], m, v, state["step"], group)
+            if p.is_cuda:  # page out; later copies queue behind these on the stream
+                state["exp_avg"][s:e].copy_(m, non_blocking=True)
+                state["exp_avg_sq"][s:e].copy_(v, non_blocking=True)
+
 
 class AdamW8bit(torch.optim.Optimizer):
-    """AdamW with m and v stored as blockwise 8-bit dynamic-map codes (fp32 math per step)."""
+    """AdamW with m and v stored as blockwise 8-bit dynamic-map codes (fp32 math per chunk)."""
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0):
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
@@ -140,12 +152,20 @@ class AdamW8bit(torch.optim.Optimizer):
         if n < MIN_8BIT_SIZE:
             adamw_step_(p, p.grad, state["exp_avg"], state["exp_avg_sq"], state["step"], group)
             return
-        signed, unsigned = _maps(p.device)
-        m = dequantize_8bit(state["m_codes"], state["m_absmax"], signed, n).view(p.shape)
-        v = dequantize_8bit(state["v_codes"], state["v_absmax"], unsigned, n).view(p.shape)
-        adamw_step_(p, p.grad, m, v, state["step"], group)
-        state["m_codes"], state["m_absmax"] = quantize_8bit(m, signed)
-        state["v_codes"], state["v_absmax"] = quantize_8bit(v, unsigned)
+        maps = dict(zip(("m", "v"), _maps(p.device), strict=True))  # signed m, unsigned v
+        flat_p, flat_g = p.view(-1), p.grad.reshape(-1)
+        for s, e in _chunks(n):  # CHUNK is a multiple of BLOCK: chunks own whole blocks
+            b0, b1 = s // BLOCK, math.ceil(e / BLOCK)
+            moments = {
+                k: dequantize_8bit(state[f"{k}_codes"][b0 * BLOCK : b1 * BLOCK],
+                                   state[f"{k}_absmax"][b0:b1], code, e - s)
+                for k, code in maps.items()
+            }  # fmt: skip
+            adamw_step_(flat_p[s:e], flat_g[s:e], moments["m"], moments["v"], state["step"], group)
+            for k, code in maps.items():
+                codes, absmax = quantize_8bit(moments[k], code)
+                state[f"{k}_codes"][b0 * BLOCK : b1 * BLOCK] = codes
+                state[f"{k}_absmax"][b0:b1] = absmax
 
 
 def state_bytes(optimizer: torch.optim.Optimizer, device: str = "cuda") -> int:
