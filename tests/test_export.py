@@ -235,8 +235,10 @@ def test_gguf_lora_names_shapes_alpha_and_merge(tmp_path, tokenizer, rslora):
         tmp_path / "adapter",
         use_rslora=rslora,
         rank_pattern={"model.layers.1.self_attn.v_proj": 2},
-        alpha_pattern={"model.layers.0.self_attn.q_proj": 32},
+        alpha_pattern={r"layers\.0\.self_attn\.q_proj": 32},
     )
+    q0 = wrapped.base_model.model.model.layers[0].self_attn.q_proj
+    assert q0.scaling["default"] == (16.0 if rslora else 8.0)  # the alpha_pattern took effect
     path = export_gguf_lora(tmp_path / "adapter", model.config, tmp_path / "a.gguf", dtype="f32")
     reader = _reader(path)
     assert reader.fields["general.type"].contents() == "adapter"

@@ -28,6 +28,7 @@ That is 34 bytes per 32 weights, 8.5 bits per weight.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -348,8 +349,9 @@ def layer_scaling(module: str, r: int, adapter_config: dict) -> float:
     """PEFT's scaling for one module: alpha / r (alpha / sqrt(r) with rsLoRA), with patterns."""
     alpha = float(adapter_config.get("lora_alpha", r))
     for pattern, value in (adapter_config.get("alpha_pattern") or {}).items():
-        if module == pattern or module.endswith(f".{pattern}"):
+        if re.fullmatch(rf"(.*\.)?(?:{pattern})", module):  # PEFT's rule: a regex on the name end
             alpha = float(value)
+            break
     return alpha / (r**0.5 if adapter_config.get("use_rslora") else r)
 
 
