@@ -118,3 +118,29 @@ def test_lora_layer_takes_the_fused_path_when_enabled(monkeypatch):
     assert torch.allclose(results[0][0], results[1][0], atol=1e-6)
     for g, h in zip(results[0][1], results[1][1], strict=True):
         assert torch.allclose(g, h, atol=1e-5)
+
+
+def test_fused_path_under_autocast_matches_plain_autocast(monkeypatch):
+    """An fp32 model under bf16 autocast (the trainer's GPU setting), CPU autocast here."""
+    import slimtune as st
+
+    torch.manual_seed(1)
+    base = torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.Linear(32, 16))
+    model = st.add_adapter(base, st.LoraConfig(r=4, lora_alpha=8, target_modules=["0", "1"]))
+    for p in model.parameters():
+        if p.requires_grad:
+            torch.nn.init.normal_(p, std=0.1)
+    x = torch.randn(6, 64)
+    results = []
+    for forced in (False, True):
+        monkeypatch.setattr(fast, "use_fast", lambda t, forced=forced: forced)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = model(x)
+        params = [p for p in model.parameters() if p.requires_grad]
+        grads = torch.autograd.grad(y.float().square().sum(), params)
+        results.append((y, grads))
+    (y0, g0), (y1, g1) = results
+    assert y1.dtype == y0.dtype == torch.bfloat16
+    assert _rel(y1, y0) < 1e-2
+    for g, h in zip(g1, g0, strict=True):
+        assert g.dtype == torch.float32 and _rel(g, h) < 2e-2

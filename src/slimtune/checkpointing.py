@@ -7,6 +7,8 @@ state, and back-propagates through that recomputation:
     forward:   h_{l+1} = layer_l(h_l)      (no graph kept; h_l saved, or copied to CPU)
     backward:  h_l (back on the GPU) ──► layer_l again, with grad ──► ∂/∂h_l, ∂/∂adapters
 
+(the same random state and the same autocast state as the forward pass)
+
 With `offload=True` the saved inputs go to pinned CPU memory (asynchronously), so the
 GPU holds one layer's activations at a time instead of one input per layer.
 """
@@ -29,6 +31,8 @@ class _Checkpoint(torch.autograd.Function):
     def forward(ctx, run: Callable[[Tensor], Tensor], offload: bool, hidden: Tensor, _token):
         ctx.run, ctx.device, ctx.hidden_grad = run, hidden.device, hidden.requires_grad
         ctx.rng = _rng_state(hidden.device)
+        device = hidden.device.type  # the recomputation runs under the same autocast state
+        ctx.autocast = (device, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
         if offload and hidden.is_cuda:
             saved = torch.empty(hidden.shape, dtype=hidden.dtype, pin_memory=True)
             saved.copy_(hidden, non_blocking=True)
@@ -48,7 +52,9 @@ class _Checkpoint(torch.autograd.Function):
         hidden = hidden.detach().requires_grad_(ctx.hidden_grad)
         cpu_state, cuda_state = ctx.rng
         devices = [ctx.device] if cuda_state is not None else []
-        with torch.random.fork_rng(devices=devices), torch.enable_grad():
+        device, enabled, dtype = ctx.autocast
+        autocast = torch.autocast(device, dtype=dtype, enabled=enabled)
+        with torch.random.fork_rng(devices=devices), torch.enable_grad(), autocast:
             torch.set_rng_state(cpu_state)
             if cuda_state is not None:
                 torch.cuda.set_rng_state(cuda_state, ctx.device)

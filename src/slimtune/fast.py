@@ -31,7 +31,7 @@ from torch import Tensor
 from slimtune.quant.nf4 import QuantState4bit
 from slimtune.quant.triton import dequantize, kernels_enabled
 
-WeightFn = Callable[[], Tensor]  # returns the frozen weight (out, in) in the compute dtype
+WeightFn = Callable[[torch.dtype], Tensor]  # the frozen weight (out, in) in a given dtype
 
 
 def use_fast(x: Tensor) -> bool:
@@ -39,47 +39,60 @@ def use_fast(x: Tensor) -> bool:
     return kernels_enabled(x)
 
 
-def _weight_fn(weight: Tensor | QuantState4bit, dtype: torch.dtype) -> WeightFn:
-    """A zero-argument function giving the frozen weight in `dtype`."""
+def _weight_fn(weight: Tensor | QuantState4bit) -> WeightFn:
+    """A function of the compute dtype giving the frozen weight (out, in) in that dtype."""
     if isinstance(weight, QuantState4bit):
-        return lambda: dequantize(weight, dtype)
-    return lambda: weight if weight.dtype == dtype else weight.to(dtype)
+        return lambda dtype: dequantize(weight, dtype)
+    return lambda dtype: weight if weight.dtype == dtype else weight.to(dtype)
+
+
+def _compute_dtype(x: Tensor) -> torch.dtype:
+    """The autocast dtype when autocast is on for x's device (as F.linear would use), else x's."""
+    device = x.device.type
+    if torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return x.dtype
 
 
 class _FusedLoraLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, a, b, bias, weight_fn: WeightFn, scaling: float):
-        x2 = x.reshape(-1, x.shape[-1])  # (T, in)
-        w = weight_fn()  # (out, in)
-        y = torch.mm(x2, w.t()) if bias is None else torch.addmm(bias.to(x.dtype), x2, w.t())
-        del w
-        a_, b_ = a.to(x.dtype), b.to(x.dtype)
-        xa = torch.mm(x2, a_.t())  # (T, r)
-        y.addmm_(xa, b_.t(), alpha=scaling)  # (T, out)
-        ctx.save_for_backward(x, a, b, xa)
+        dtype = _compute_dtype(x)
+        with torch.autocast(x.device.type, enabled=False):
+            xc = x.to(dtype)  # x itself without autocast; its low-precision copy with it
+            x2 = xc.reshape(-1, x.shape[-1])  # (T, in)
+            w = weight_fn(dtype)  # (out, in)
+            y = torch.mm(x2, w.t()) if bias is None else torch.addmm(bias.to(dtype), x2, w.t())
+            del w
+            xa = torch.mm(x2, a.to(dtype).t())  # (T, r)
+            y.addmm_(xa, b.to(dtype).t(), alpha=scaling)  # (T, out)
+        ctx.save_for_backward(xc, a, b, xa)
         ctx.weight_fn, ctx.scaling, ctx.has_bias = weight_fn, scaling, bias is not None
+        ctx.dtypes = (x.dtype, None if bias is None else bias.dtype)
         return y.view(*x.shape[:-1], y.shape[-1])
 
     @staticmethod
     def backward(ctx, grad):
-        x, a, b, xa = ctx.saved_tensors
-        s = ctx.scaling
-        x2 = x.reshape(-1, x.shape[-1])  # (T, in)
-        g = grad.reshape(-1, grad.shape[-1]).to(x.dtype)  # (T, out)
-        a_, b_ = a.to(x.dtype), b.to(x.dtype)
-        gb = torch.mm(g, b_)  # (T, r)
-        dx = None
-        if ctx.needs_input_grad[0]:
-            w = ctx.weight_fn()  # dequantized again: never saved
-            dx = torch.mm(g, w)  # (T, in)
-            del w
-            dx.addmm_(gb, a_, alpha=s)
-            dx = dx.view(x.shape)
-        da = torch.mm(gb.t(), x2).mul_(s) if ctx.needs_input_grad[1] else None  # (r, in)
-        db = torch.mm(g.t(), xa).mul_(s) if ctx.needs_input_grad[2] else None  # (out, r)
-        dbias = g.sum(0) if ctx.has_bias and ctx.needs_input_grad[3] else None
-        da = da.to(a.dtype) if da is not None else None
-        db = db.to(b.dtype) if db is not None else None
+        xc, a, b, xa = ctx.saved_tensors
+        s, dtype, (x_dtype, bias_dtype) = ctx.scaling, xc.dtype, ctx.dtypes
+        with torch.autocast(xc.device.type, enabled=False):
+            x2 = xc.reshape(-1, xc.shape[-1])  # (T, in)
+            g = grad.reshape(-1, grad.shape[-1]).to(dtype)  # (T, out)
+            a_ = a.to(dtype)
+            gb = torch.mm(g, b.to(dtype))  # (T, r)
+            dx = da = db = dbias = None
+            if ctx.needs_input_grad[0]:
+                w = ctx.weight_fn(dtype)  # dequantized again: never saved
+                dx = torch.mm(g, w)  # (T, in)
+                del w
+                dx.addmm_(gb, a_, alpha=s)
+                dx = dx.view(xc.shape).to(x_dtype)
+            if ctx.needs_input_grad[1]:
+                da = torch.mm(gb.t(), x2).mul_(s).to(a.dtype)  # (r, in)
+            if ctx.needs_input_grad[2]:
+                db = torch.mm(g.t(), xa).mul_(s).to(b.dtype)  # (out, r)
+            if ctx.has_bias and ctx.needs_input_grad[3]:
+                dbias = g.sum(0).to(bias_dtype)
         return dx, da, db, dbias, None, None
 
 
@@ -88,17 +101,22 @@ class _FrozenLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, bias, weight_fn: WeightFn):
-        w = weight_fn()
-        y = torch.nn.functional.linear(x, w, None if bias is None else bias.to(x.dtype))
-        ctx.weight_fn, ctx.has_bias = weight_fn, bias is not None
+        dtype = _compute_dtype(x)
+        with torch.autocast(x.device.type, enabled=False):
+            b = None if bias is None else bias.to(dtype)
+            y = torch.nn.functional.linear(x.to(dtype), weight_fn(dtype), b)
+        ctx.weight_fn, ctx.has_bias, ctx.dtypes = weight_fn, bias is not None, (x.dtype, dtype)
         return y
 
     @staticmethod
     def backward(ctx, grad):
-        dx = torch.matmul(grad, ctx.weight_fn()) if ctx.needs_input_grad[0] else None
-        dbias = None
-        if ctx.has_bias and ctx.needs_input_grad[1]:
-            dbias = grad.reshape(-1, grad.shape[-1]).sum(0)
+        x_dtype, dtype = ctx.dtypes
+        dx = dbias = None
+        with torch.autocast(grad.device.type, enabled=False):
+            if ctx.needs_input_grad[0]:
+                dx = torch.matmul(grad.to(dtype), ctx.weight_fn(dtype)).to(x_dtype)
+            if ctx.has_bias and ctx.needs_input_grad[1]:
+                dbias = grad.reshape(-1, grad.shape[-1]).sum(0)
         return dx, dbias, None
 
 
@@ -119,12 +137,12 @@ def lora_linear(
         lora_a: A (r, in).   lora_b: B (out, r).
         scaling: alpha / r (or alpha / sqrt(r) with rsLoRA).
     """
-    return _FusedLoraLinear.apply(x, lora_a, lora_b, bias, _weight_fn(weight, x.dtype), scaling)
+    return _FusedLoraLinear.apply(x, lora_a, lora_b, bias, _weight_fn(weight), scaling)
 
 
 def frozen_linear(x: Tensor, weight: Tensor | QuantState4bit, bias: Tensor | None = None) -> Tensor:
     """y = x W0ᵀ + bias for a frozen (e.g. 4-bit) W0 that is rebuilt, not saved, for backward."""
-    return _FrozenLinear.apply(x, bias, _weight_fn(weight, x.dtype))
+    return _FrozenLinear.apply(x, bias, _weight_fn(weight))
 
 
 def frozen_weight(base: torch.nn.Module) -> Tensor | QuantState4bit | None:
