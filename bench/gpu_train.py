@@ -6,7 +6,7 @@ random token batches, and prints tokens/s (median step time after warm-up), peak
 memory during training (weights included) and the loss per step, with ratios.
 
     python bench/gpu_train.py --shape 1b --steps 12
-    python bench/gpu_train.py --shape 8b --runs peft:qlora,slim:qlora,slim:qlora:offload
+    python bench/gpu_train.py --shape 8b --runs peft:qlora,slim:qlora:fastops,slim:qlora:fastops:offload
 
 Run specs are impl:method[:option...]: impl peft|slim, method lora|qlora|full (full: slim
 only, every weight trains), options offload (checkpoint inputs to CPU), ligerops
@@ -310,7 +310,7 @@ def print_table(results: list[dict], args, peak_tflops: float) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--shape", choices=sorted(SHAPES), default="1b")
-    p.add_argument("--runs", default="peft:qlora,slim:qlora,peft:lora,slim:lora")
+    p.add_argument("--runs", default="peft:qlora,slim:qlora:fastops,peft:lora,slim:lora:fastops")
     p.add_argument("--steps", type=int, default=12)
     p.add_argument("--warmup", type=int, default=2, help="steps left out of the median")
     p.add_argument("--batch", type=int, default=4)
