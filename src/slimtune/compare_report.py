@@ -8,6 +8,7 @@ with the numbers that decide it.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -187,19 +188,32 @@ def write_report(report: dict[str, Any], out: Path) -> None:
     write_text_atomic(out / "report.md", markdown(report, charts))
 
 
+def _device(runs: list[dict[str, Any]]) -> str:
+    """'`cpu` (2 threads; load average 7.1 on 2 CPUs during the runs)'."""
+    first = runs[0]
+    text = f"`{first.get('device', 'cpu')}`"
+    loads = [r["load_average"] for r in runs if r.get("load_average") is not None]
+    if first.get("device") == "cpu" and loads:
+        cpus = os.cpu_count() or 1
+        text += (f" ({first.get('threads')} threads; load average {sum(loads) / len(loads):.1f} "
+                 f"on {cpus} CPUs during the runs: a load above {cpus} means other work shared "
+                 "the machine and the timings are noisy)")  # fmt: skip
+    return text
+
+
 def markdown(report: dict[str, Any], charts: list[str]) -> str:
     s = report["settings"]
-    device = report["runs"][0].get("device", "cpu")
+    device = _device(report["runs"])
     lrs = ", ".join(f"{m} {lr:g}" for m, lr in s["lr"].items())
     lines = [
         "# slimtune: methods compared",
         "",
         f"Model `{s['model']}`, training data `{s['data']}`, held-out data `{s['eval_data']}`. "
         f"Every method trains {s['max_steps']} steps of {s['batch_size']} rows (max length "
-        f"{s['max_length']}) with seed {s['seed']} on `{device}`; LoRA, QLoRA and DoRA use rank "
+        f"{s['max_length']}) with seed {s['seed']} on {device}; LoRA, QLoRA and DoRA use rank "
         f"{s['rank']}. Peak learning rates: {lrs}. `base` is the model before training.",
         "",
-        "Latency is the median time per generated token (greedy, KV cache, batch 1, "
+        "Latency is the fastest of 5 runs, per generated token (greedy, KV cache, batch 1, "
         f"{s['latency_tokens']} tokens). Memory on the CPU is the process's resident memory "
         "sampled during training (weights included); on a GPU, PyTorch's peak allocation.",
         "",
