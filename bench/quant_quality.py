@@ -87,6 +87,7 @@ def bnb_variant(base: nn.Module, quant: str, dq: bool) -> tuple[nn.Module, float
             packed, state = F.quantize_4bit(
                 w, blocksize=64, compress_statistics=dq, quant_type=quant
             )
+            seconds += time.perf_counter() - start
             deq = F.dequantize_4bit(packed, state)
             tensors = [packed, state.absmax] + ([state.state2.absmax, state.offset] if dq else [])
         layer.weight.data = deq.to(w.dtype)
