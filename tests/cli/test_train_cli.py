@@ -68,14 +68,14 @@ def test_run_directory_has_every_file(tiny_llama_dir, data_file, tmp_path, capsy
     assert peft_model.peft_config["default"].r == 4
 
 
-def run_cli(args, env_threads=True):
+def run_cli(args):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     return subprocess.Popen([sys.executable, "-m", "slimtune", *args], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # fmt: skip
 
 
 def test_sigkill_then_resume_is_bit_identical(tiny_llama_dir, data_file, tmp_path):
-    steps = 24
+    steps = 16
     common = ["train", "--model", str(tiny_llama_dir), "--data", str(data_file),
               "--max-steps", str(steps), "--batch-size", "4", "--lr", "0.01", "--save-every", "3",
               "--dropout", "0.1", "--target-modules", "all-linear", "--quiet", "--seed", "3"]  # fmt: skip
