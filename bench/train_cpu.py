@@ -5,7 +5,7 @@ Same model (SmolLM2-135M, fp32), same LoRA (r=16, alpha=32 on q,k,v,o), same row
 loss) and once on prompt/completion rows whose prompt is the first half of the tokens.
 Each contestant runs `--warmup` untimed steps, then `--steps` timed ones.
 
-    python bench/train_cpu.py [--steps 5] [--warmup 1] [--threads N]
+    python bench/train_cpu.py [--steps 5] [--warmup 1] [--threads N] [--clock wall|cpu]
 
 Prints tokens/s and the ratio to the plain loop (higher is faster).
 """
@@ -23,6 +23,7 @@ import torch
 MODEL = "smollm2-135m"
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 BATCH, LENGTH, RANK = 4, 256, 16
+CLOCK = time.perf_counter  # --clock cpu: time.process_time (CPU seconds of this process)
 
 
 def make_rows(kind: str, n: int, vocab: int, seed: int = 0) -> list[dict[str, list[int]]]:
@@ -44,7 +45,8 @@ def fresh_model():
     return model, tokenizer
 
 
-def run_slimtune(rows, steps: int, warmup: int) -> float:
+def slimtune_seconds(rows, max_steps: int) -> float:
+    """Clock time of a whole `train()` call of max_steps steps (model setup excluded)."""
     import slimtune as st
     from slimtune.config import TrainConfig
     from slimtune.data import Dataset, Example
@@ -56,15 +58,19 @@ def run_slimtune(rows, steps: int, warmup: int) -> float:
         model, st.LoraConfig(r=RANK, lora_alpha=2 * RANK, target_modules=TARGETS)
     )
     data = Dataset("bench", "text", [Example(r["input_ids"], r["labels"]) for r in rows], [])
-    config = TrainConfig(max_steps=warmup + steps, batch_size=BATCH, lr=1e-4, save_every=0,
+    config = TrainConfig(max_steps=max_steps, batch_size=BATCH, lr=1e-4, save_every=0,
                          max_length=LENGTH, precision="fp32", device="cpu")  # fmt: skip
     with tempfile.TemporaryDirectory() as out:
+        began = CLOCK()
         train(model, tokenizer, data, config, Path(out) / "run", quiet=True,
               save_fn=lambda m, d: None)  # fmt: skip
-        records = [json.loads(x) for x in (Path(out) / "run/metrics.jsonl").open()]
-    timed = [r for r in records if r["step"] > warmup]
-    seconds = sum(BATCH * LENGTH / r["tokens_per_s"] for r in timed)
-    return len(timed) * BATCH * LENGTH / seconds
+        return CLOCK() - began
+
+
+def run_slimtune(rows, steps: int, warmup: int) -> float:
+    """The trainer as users run it: (warmup + steps) minus (warmup) steps, so set-up cancels."""
+    seconds = slimtune_seconds(rows, warmup + steps) - slimtune_seconds(rows, warmup)
+    return steps * BATCH * LENGTH / seconds
 
 
 def batches(rows):
@@ -90,13 +96,13 @@ def run_plain_peft(rows, steps: int, warmup: int) -> float:
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     times = []
     for batch in batches(rows[: (warmup + steps) * BATCH]):
-        began = time.perf_counter()
+        began = CLOCK()
         loss = model(**batch).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        times.append(time.perf_counter() - began)
+        times.append(CLOCK() - began)
     return steps * BATCH * LENGTH / sum(times[warmup:])
 
 
@@ -107,7 +113,7 @@ def run_trainer(rows, steps: int, warmup: int) -> float:
 
     class Clock(TrainerCallback):
         def on_step_end(self, args, state, control, **kwargs):
-            stamps.append(time.perf_counter())
+            stamps.append(CLOCK())
 
     model = peft_model()
     dataset = [{k: torch.tensor(v) for k, v in r.items()} for r in rows[: (warmup + steps) * BATCH]]
@@ -130,13 +136,26 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--json", default=None)
+    parser.add_argument(
+        "--clock",
+        choices=("wall", "cpu"),
+        default="wall",
+        help="cpu: count this process's CPU seconds (steadier on a busy machine)",
+    )
     args = parser.parse_args()
+    global CLOCK
+    CLOCK = time.process_time if args.clock == "cpu" else time.perf_counter
     if args.threads:
         torch.set_num_threads(args.threads)
     import transformers
 
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot  # noqa: F401  (imported once, outside every timed region)
+
     vocab = fresh_model()[0].config.vocab_size
     contestants = {"plain loop + PEFT": run_plain_peft, "slimtune": run_slimtune,
                    "Trainer + PEFT": run_trainer}  # fmt: skip
@@ -147,7 +166,7 @@ def main() -> None:
             results.setdefault(name, {})[kind] = fn(rows, args.steps, args.warmup)
             print(f"  {kind:18s} {name:18s} {results[name][kind]:8.1f} tokens/s", flush=True)
     print(f"\nSmolLM2-135M, LoRA r={RANK} on q,k,v,o, batch {BATCH} x {LENGTH}, fp32, "
-          f"{torch.get_num_threads()} threads, {args.steps} timed steps")  # fmt: skip
+          f"{torch.get_num_threads()} threads, {args.steps} timed steps, {args.clock} clock")  # fmt: skip
     print(f"| {'':18s} | text tok/s | vs plain | prompt/completion tok/s | vs plain |")
     print(f"|{'-' * 20}|-----------:|---------:|------------------------:|---------:|")
     base = results["plain loop + PEFT"]
