@@ -201,7 +201,7 @@ def evaluate(
         "perplexity": math.exp(min(loss, 700.0)),
     }
     has_refs = data.format in ("prompt_completion", "messages")
-    if with_exact_match if with_exact_match is not None else has_refs:
+    if has_refs if with_exact_match is None else with_exact_match:
         result["exact_match"], result["examples"] = exact_match(model, tokenizer, data, batch_size)
     return result
 
@@ -217,17 +217,15 @@ def load_for_eval(path: Path, tokenizer, max_length: int, quiet: bool) -> Datase
     return data
 
 
-class _CallbackStreamer:
-    """Hands decoded text to a callback as generation goes (word by word, like TextStreamer)."""
+def callback_streamer(tokenizer, callback: Callable[[str], None]):
+    """A transformers streamer that hands decoded text to `callback` as it is produced."""
+    from transformers import TextStreamer
 
-    def __new__(cls, tokenizer, callback: Callable[[str], None]):
-        from transformers import TextStreamer
+    class CallbackStreamer(TextStreamer):
+        def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
+            callback(text)
 
-        class Streamer(TextStreamer):
-            def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
-                callback(text)
-
-        return Streamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    return CallbackStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
 
 
 @torch.no_grad()
@@ -275,7 +273,7 @@ def generate(
         max_new_tokens=max_new_tokens,
         eos_token_id=eos,
         pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos,
-        streamer=_CallbackStreamer(tokenizer, stream) if stream else None,
+        streamer=callback_streamer(tokenizer, stream) if stream else None,
         **sampling,
     )
     return tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
