@@ -141,3 +141,11 @@ def test_save_and_load_through_the_public_api(tmp_path):
             loaded(input_ids=ids).logits, peft_model(input_ids=ids).logits[:, 4:], rtol=0, atol=0
         )
     assert st.trainable_parameters(loaded)[0] == 4 * 32
+
+
+def test_a_soft_prompt_is_never_merged_silently():
+    import slimtune as st
+
+    model = st.add_adapter(tiny_llama(), PromptTuningConfig(num_virtual_tokens=2))
+    with pytest.raises(SlimtuneError, match="PromptTuningModel cannot be merged"):
+        st.merge_and_unload(model)

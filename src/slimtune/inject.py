@@ -286,7 +286,9 @@ def wrap_modules_to_save(
 def _mergeable(model: nn.Module) -> list[tuple[str, MergeableLayer]]:
     layers = [(n, m) for n, m in model.named_modules() if is_mergeable(m) and m is not model]
     unmergeable = [
-        n for n, m in model.named_modules() if is_adapter_layer(m) and not is_mergeable(m)
+        n or type(m).__name__
+        for n, m in model.named_modules()
+        if is_adapter_layer(m) and not is_mergeable(m)
     ]
     if unmergeable:
         raise SlimtuneError(

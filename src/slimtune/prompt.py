@@ -118,6 +118,17 @@ class PromptTuningModel(nn.Module):
     def num_virtual_tokens(self) -> int:
         return self.prompt_embeddings.shape[0]
 
+    # the AdapterLayer protocol of slimtune.inject: one soft prompt, never merged into weights
+    def set_adapter(self, names: list[str]) -> None:
+        self.prompt_embeddings.requires_grad_(bool(names))
+
+    def delete_adapter(self, name: str) -> None:
+        raise SlimtuneError("a soft prompt cannot be deleted from its model; load the base again")
+
+    def enable_adapters(self, enabled: bool) -> None:
+        if not enabled:
+            raise SlimtuneError("a soft prompt cannot be disabled; use the base model")
+
     def __getattr__(self, name: str) -> Any:
         try:
             return super().__getattr__(name)
