@@ -38,6 +38,9 @@ bitsandbytes quirks kept for byte identity: a short last block's absmax is clamp
 multiply by its reciprocal; a value exactly between two levels takes the lower one.
 FP4 code 0b1000 decodes to +0.0 here, as in bitsandbytes' saved `quant_map`, its torch
 reference and its AVX-512 kernel (its scalar C++ and CUDA kernels give -0.0, an equal value).
+Dequantization multiplies level · absmax in fp32 and rounds once to the target dtype, as
+bitsandbytes' kernels do. (Its 0.50.2 AVX-512 CPU dequantizer reads absmax per row, which
+is wrong when a row is not a whole number of blocks; its torch and scalar paths agree here.)
 """
 
 from __future__ import annotations
