@@ -48,7 +48,7 @@ def test_findings_follow_the_numbers():
                      run("lora", ms_per_token=12.0, merged_ms_per_token=10.2)]}  # fmt: skip
     text = " ".join(findings(slow))
     assert "Bottleneck adapters add inference latency" in text and "+30%" in text
-    assert "Merged LORA adds none" in text
+    assert "Merged LoRA adds no latency" in text
     fast = {"runs": [run("base", trainable_params=0), run("adapter", ms_per_token=10.1),
                      run("lora", ms_per_token=12.0, merged_ms_per_token=12.0)]}  # fmt: skip
     text = " ".join(findings(fast))

@@ -128,21 +128,30 @@ class PeakMemory:
 
 
 @torch.no_grad()
-def ms_per_token(model, prompt_ids: list[int], tokens: int, repeats: int = 5) -> float:
-    """Fastest wall time per generated token of `repeats` runs (greedy, KV cache, batch 1),
-    after one warm-up. The minimum, not the median: on a shared machine noise only adds time."""
+def ms_per_token(model, prompt_ids: list[int], tokens: int) -> float:
+    """Wall time per generated token of one greedy generation (KV cache, batch 1)."""
     device = next(model.parameters()).device
     ids = torch.tensor([prompt_ids], device=device)
-    mask = torch.ones_like(ids)
-    times = []
-    for _ in range(repeats + 1):
-        start = time.perf_counter()
-        model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=tokens,
-                       min_new_tokens=tokens, do_sample=False, pad_token_id=0)  # fmt: skip
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        times.append((time.perf_counter() - start) * 1000 / tokens)
-    return min(times[1:])
+    start = time.perf_counter()
+    model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=tokens,
+                   min_new_tokens=tokens, do_sample=False, pad_token_id=0)  # fmt: skip
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return (time.perf_counter() - start) * 1000 / tokens
+
+
+def interleaved_latency(
+    models: dict[str, Any], prompt_ids: list[int], tokens: int, rounds: int = 5
+) -> dict[str, float]:
+    """Fastest ms per token of each model over `rounds`, the models taking turns (the order
+    reversed every round) so that whatever else the machine does hits them alike."""
+    for model in models.values():  # warm-up
+        ms_per_token(model, prompt_ids, 2)
+    times: dict[str, list[float]] = {name: [] for name in models}
+    for i in range(rounds):
+        for name in list(models)[:: 1 if i % 2 == 0 else -1]:
+            times[name].append(ms_per_token(models[name], prompt_ids, tokens))
+    return {name: min(values) for name, values in times.items()}
 
 
 def dir_bytes(path: Path) -> int:
@@ -155,7 +164,7 @@ def dir_bytes(path: Path) -> int:
 def run_job(job: dict[str, Any], settings: CompareSettings, out: Path) -> dict[str, Any]:
     """Train (unless base), evaluate and time one method; runs inside the child process."""
     from slimtune.config import TrainConfig
-    from slimtune.evaluate import evaluate, exact_match_pairs, load_for_eval
+    from slimtune.evaluate import evaluate, load_for_eval
     from slimtune.models import load_model
     from slimtune.recipes import prepare_method
     from slimtune.train import resolve_device, train
@@ -190,17 +199,41 @@ def run_job(job: dict[str, Any], settings: CompareSettings, out: Path) -> dict[s
     heldout = load_for_eval(Path(settings.eval_data), tokenizer, settings.max_length, True)
     scores = evaluate(model, tokenizer, heldout, max_length=settings.max_length, batch_size=8)
     result.update(heldout_loss=scores["loss"], exact_match=scores.get("exact_match"))
-    prompt = exact_match_pairs(heldout, tokenizer)[0][0] if heldout.format != "text" else [0] * 16
-    result["ms_per_token"] = ms_per_token(model, prompt, settings.latency_tokens)
-    if method in MERGEABLE:
-        from slimtune.inject import merge
-
-        merge(model)
-        result["merged_ms_per_token"] = ms_per_token(model, prompt, settings.latency_tokens)
     result["device"] = str(next(model.parameters()).device)
     result["threads"] = torch.get_num_threads()
     result["load_average"] = os.getloadavg()[0]  # other work on the machine skews timings
     return result
+
+
+def latency_job(labels: list[str], settings: CompareSettings, runs_dir: Path) -> dict:
+    """ms per token of the base model and every method (unmerged, then merged), one process."""
+    import copy
+
+    from slimtune.evaluate import exact_match_pairs, load_for_eval
+    from slimtune.inject import merge
+    from slimtune.io import load_adapter
+    from slimtune.models import load_model
+    from slimtune.quant.linear import quantize_model
+
+    base, tokenizer = load_model(settings.model)
+    models: dict[str, Any] = {}
+    for label in labels:
+        directory = runs_dir / label / "adapter"
+        if label == "base":
+            models[label] = base
+        elif label == "full":
+            models[label] = load_model(directory)[0]
+        else:
+            model = copy.deepcopy(base)
+            if label == "qlora":
+                quantize_model(model, "nf4", skip=["lm_head"])
+            models[label] = load_adapter(model, directory).eval()
+    heldout = load_for_eval(Path(settings.eval_data), tokenizer, settings.max_length, True)
+    prompt = exact_match_pairs(heldout, tokenizer)[0][0] if heldout.format != "text" else [0] * 16
+    unmerged = interleaved_latency(models, prompt, settings.latency_tokens)
+    mergeable = {k: merge(v) for k, v in models.items() if k in MERGEABLE}
+    merged = interleaved_latency({"base": base, **mergeable}, prompt, settings.latency_tokens)
+    return {"unmerged": unmerged, "merged": merged}
 
 
 def child_main(job_file: str) -> None:
@@ -209,7 +242,10 @@ def child_main(job_file: str) -> None:
     settings = CompareSettings(**{**spec["settings"], "methods": tuple(spec["settings"]["methods"]),
                                   "ranks": tuple(spec["settings"]["ranks"])})  # fmt: skip
     out = Path(spec["out"])
-    result = run_job(spec["job"], settings, out)
+    if spec["job"]["method"] == "latency":
+        result = latency_job(spec["job"]["labels"], settings, out.parent)
+    else:
+        result = run_job(spec["job"], settings, out)
     (out / "result.json").write_text(json.dumps(result, indent=2) + "\n")
 
 
@@ -254,6 +290,17 @@ def compare(
         runs.append(run_child(job, settings, out / "runs" / job["label"]))
         if not quiet:
             print(f"      done in {time.perf_counter() - began:.0f} s", file=sys.stderr)
+    labels = [r["label"] for r in runs if r["label"] in ("base", *settings.methods)]
+    if not quiet:
+        print(f"latency of {', '.join(labels)} (interleaved) …", file=sys.stderr, flush=True)
+    job = {"label": "latency", "method": "latency", "labels": labels, "rank": None}
+    latency = run_child(job, settings, out / "runs" / "latency")
+    for run in runs:
+        if run["label"] in latency["unmerged"]:
+            run["ms_per_token"] = latency["unmerged"][run["label"]]
+        if run["label"] in latency["merged"] and run["label"] != "base":
+            run["merged_ms_per_token"] = latency["merged"][run["label"]]
+            run["base_ms_per_token_merged_pass"] = latency["merged"]["base"]
     report = {"settings": dataclasses.asdict(settings), "runs": runs}
     report["settings"]["lr"] = {m: settings.lr.get(m, DEFAULT_LR[m]) for m in METHODS}
     write_report(report, out)

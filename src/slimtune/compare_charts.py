@@ -63,6 +63,9 @@ def quality_vs_params(runs: list[dict[str, Any]], path: Path) -> bool:
 def latency(runs: list[dict[str, Any]], path: Path) -> bool:
     import numpy as np
 
+    runs = [r for r in runs if r.get("ms_per_token") is not None]
+    if not runs:
+        return False
     fig, ax = _plt().subplots(figsize=(7, 3.6), dpi=100)
     labels = [r["label"] for r in runs]
     x = np.arange(len(runs))
