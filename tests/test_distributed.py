@@ -16,11 +16,13 @@ from slimtune.distributed_checkpoint import keep_global_batch
 from slimtune.errors import SlimtuneError
 
 
-def quantized_mlp(quant: str) -> nn.Module:
+def quantized_mlp(quant: str, sizes=(64, 128, 64)) -> nn.Module:
     from slimtune.quant.linear import quantize_model
 
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 64, bias=False))
+    model = nn.Sequential(
+        nn.Linear(sizes[0], sizes[1]), nn.ReLU(), nn.Linear(*sizes[1:], bias=False)
+    )
     return quantize_model(model, quant, skip=[])
 
 
@@ -40,14 +42,42 @@ def test_quant_storage_becomes_frozen_parameters(quant):
     moved = distributed.shardable_quant_storage(model)
     names = dict(model.named_parameters())
     stored = {n.split(".", 1)[1] for n, p in names.items() if n.startswith("0.")}
-    if quant == "nf4":  # flat uint8 codes, uint8 absmax, fp32 absmax2; the scalar offset stays
+    if quant == "nf4":  # 4-bit codes, uint8 absmax, fp32 absmax2; the scalar offset stays
         assert stored == {"bias", "codes", "absmax", "absmax2"} and moved == 6
-        assert names["0.codes"].dtype == torch.uint8 and names["0.codes"].dim() == 1
     else:  # int8 rows and their absmax; no outliers here, so those (empty) stay buffers
         assert stored == {"bias", "codes", "absmax"} and moved == 4
-    assert not any(p.requires_grad for n, p in names.items() if not n.endswith("bias"))
+    for name, param in names.items():  # what FSDP2 in torch 2.11 needs: floating, frozen
+        assert param.is_floating_point() and not param.requires_grad, name
+        assert name.endswith("bias") or (param.dtype == torch.bfloat16 and param.dim() == 1)
     torch.testing.assert_close(model(x), want)
     assert distributed.parameter_counts(model, trainable_parameters(model)) == counts
+
+
+@pytest.mark.parametrize("quant", ["nf4", "int8"])
+def test_bf16_storage_round_trips_byte_exactly(quant):
+    """Odd sizes (odd byte counts get a pad byte); the bytes survive model.to(dtype)."""
+    from slimtune.quant.linear import storage_as
+
+    model = quantized_mlp(quant, sizes=(7, 33, 5))
+    plain = quantized_mlp(quant, sizes=(7, 33, 5))  # the same weights, left as buffers
+    distributed.shardable_quant_storage(model)
+    for m in (model, plain):  # must not cast stored bytes (the biases do round, alike)
+        m.to(torch.float16).to(torch.float32)
+    for layer, ref in [(model[0], plain[0]), (model[2], plain[2])]:
+        assert layer._as_bytes, "nothing was moved"
+        for name, (dtype, shape) in layer._as_bytes.items():
+            want = ref._buffers[name]
+            param = layer._parameters[name]
+            assert param.dtype == torch.bfloat16 and param.numel() == -(-want.nbytes // 2)
+            got = storage_as(param.detach(), dtype, shape)
+            assert got.dtype == want.dtype and got.shape == want.shape
+            assert torch.equal(
+                got.reshape(-1).view(torch.uint8), want.reshape(-1).view(torch.uint8)
+            )
+        for dtype in (torch.float32, torch.bfloat16):
+            assert torch.equal(layer.dequantize_weight(dtype), ref.dequantize_weight(dtype))
+    x = torch.randn(4, 7)
+    assert torch.equal(model(x), plain(x))
 
 
 def test_train_argv_round_trips_without_nproc():
@@ -147,3 +177,74 @@ def test_dcp_checkpoint_loads_in_one_process(tmp_path):
     other_rank, other_optimizer = lora_mlp(2)
     with pytest.raises(SlimtuneError, match="does not match the model's trainable parameters"):
         load_checkpoint(path, other_rank, other_optimizer)
+
+
+@pytest.fixture
+def one_process_group():
+    """A gloo process group of one, in this process (what torchrun --nproc-per-node 1 gives)."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def tiny_causal_lm(method: str) -> nn.Module:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    import slimtune as st
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)  # fmt: skip
+    model = LlamaForCausalLM(config).requires_grad_(False)
+    if method == "qlora":
+        st.quantize_model(model, "nf4", skip=("lm_head",), blocksize=32)
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    return st.add_adapter(model, st.LoraConfig(r=4, lora_alpha=8, target_modules=targets))
+
+
+def lm_loss(model, batch, chunk):
+    return model(input_ids=batch["input_ids"], labels=batch["input_ids"]).loss, 1
+
+
+def train_losses(model: nn.Module, loss_fn, steps: int = 3) -> list[float]:
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.05)
+    gen = torch.Generator().manual_seed(1)
+    losses = []
+    for _ in range(steps):
+        ids = torch.randint(0, 64, (2, 12), generator=gen)
+        loss, _ = loss_fn(model, {"input_ids": ids, "attention_mask": torch.ones_like(ids)}, 0)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    return losses
+
+
+@pytest.mark.parametrize("frozen_whole", [True, False], ids=["frozen-whole", "all-sharded"])
+@pytest.mark.parametrize("method", ["lora", "qlora"])
+def test_one_process_fsdp_trains_as_the_plain_model(one_process_group, method, frozen_whole):
+    """World size 1 (the default layout keeps frozen weights whole; the other is the one
+    several processes use, 4-bit storage as bf16 bytes included): same losses, same adapter."""
+    from torch.distributed.tensor import DTensor
+
+    plain = tiny_causal_lm(method)
+    want = train_losses(plain, lm_loss)
+    model = distributed.shard_model(tiny_causal_lm(method), torch.device("cpu"), frozen_whole)
+    got = train_losses(model, distributed.sharded_loss(model, lm_loss))
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=0)
+    params = dict(model.named_parameters())
+    for name, param in params.items():  # sharded: trainable always, frozen unless kept whole
+        assert isinstance(param, DTensor) == (param.requires_grad or not frozen_whole), name
+    codes = [p for n, p in params.items() if n.endswith(".codes")]
+    assert len(codes) == (0 if method == "lora" or frozen_whole else 14)
+    assert all(p.dtype == torch.bfloat16 and not p.requires_grad for p in codes)
+    with distributed.whole_trainable(model):
+        trained = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    want_params = {n: p.detach() for n, p in plain.named_parameters() if p.requires_grad}
+    assert sorted(trained) == sorted(want_params)
+    for name, value in want_params.items():
+        torch.testing.assert_close(trained[name], value, rtol=1e-5, atol=1e-7)

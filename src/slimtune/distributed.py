@@ -12,6 +12,11 @@ back into shards (reduce-scatter):
     step:    loss = Σ_ranks Σ token losses / Σ_ranks label tokens       (as one process)
              θ_shard ← AdamW(θ_shard, clip(g_shard, over the whole gradient's norm))
 
+With one process (torchrun --nproc-per-node 1) there is nothing to split: the frozen
+weights stay whole on the device, outside FSDP (sharding them over one rank would only
+copy the whole model every step and hold it twice), and the trainable parameters form
+one FSDP2 unit (one gather per step, one reduce for the gradients).
+
 So W processes with `--grad-accum A` take the same steps as one process with
 `--grad-accum A·W`: the global batch is batch_size · A · W rows. Rank 0 alone prints and
 writes files; the final adapter is gathered whole onto rank 0 and written as the same
@@ -42,7 +47,6 @@ from slimtune.errors import SlimtuneError
 from slimtune.runlog import MetricsLog
 
 TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
-QUANT_STORAGE = ("codes", "absmax", "absmax2", "offset", "outlier_columns", "outliers")
 
 # ----------------------------------------------------------------------------- process group
 
@@ -141,21 +145,16 @@ def launch(args: Any) -> int:
 
 
 def shardable_quant_storage(model: nn.Module) -> int:
-    """Turn each QuantLinear's stored weight (flat uint8 codes, absmax, …) into frozen
+    """Turn each QuantLinear's stored weight (flat 4-bit codes, absmax, …) into frozen
     parameters, which FSDP2 shards like any other (it leaves buffers whole on every rank).
-    Scalars (the double-quant offset) and empty tensors stay buffers. Returns how many moved."""
-    moved = 0
-    for module in model.modules():
-        if not hasattr(module, "dequantize_weight"):
-            continue
-        for name in QUANT_STORAGE:
-            tensor = module._buffers.get(name)
-            if tensor is None or tensor.dim() == 0 or tensor.numel() == 0:
-                continue
-            del module._buffers[name]
-            module.register_parameter(name, nn.Parameter(tensor, requires_grad=False))
-            moved += 1
-    return moved
+    Each holds its bytes as flat bf16 (QuantLinear.store_as_parameters): FSDP2 makes its
+    shards Parameters, and in torch 2.11 that fails for uint8 ("only Tensors of floating
+    point dtype can require gradients"). Returns how many tensors moved."""
+    return sum(
+        len(module.store_as_parameters())
+        for module in model.modules()
+        if hasattr(module, "store_as_parameters")
+    )
 
 
 def decoder_layers(model: nn.Module) -> list[nn.Module]:
@@ -169,17 +168,29 @@ def decoder_layers(model: nn.Module) -> list[nn.Module]:
     return list(max(lists, key=len)) if lists else []
 
 
-def shard_model(model: nn.Module, device: torch.device) -> nn.Module:
-    """FSDP2 in place: one unit per decoder layer, then the root (embeddings, norm, head)."""
+def shard_model(
+    model: nn.Module, device: torch.device, frozen_whole: bool | None = None
+) -> nn.Module:
+    """FSDP2 in place. Several processes: one unit per decoder layer, then the root
+    (embeddings, norm, head), every parameter sharded. `frozen_whole` (default: with one
+    process) leaves the frozen weights whole on the device, outside FSDP, and makes the
+    trainable parameters one unit."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import FSDPModule, fully_shard
 
-    shardable_quant_storage(model)
     mesh = init_device_mesh(device.type, (world_size(),))
-    reshard = world_size() > 1  # one process: gather once per step, not again in backward
-    for layer in decoder_layers(model):
-        fully_shard(layer, mesh=mesh, reshard_after_forward=reshard)
-    fully_shard(model, mesh=mesh)
+    if frozen_whole is None:
+        frozen_whole = world_size() == 1
+    if frozen_whole:
+        frozen = {p for p in model.parameters() if not p.requires_grad}
+        fully_shard(model.to(device), mesh=mesh, reshard_after_forward=False,
+                    ignored_params=frozen)  # fmt: skip
+    else:
+        shardable_quant_storage(model)  # no mixed-precision policy: nothing casts its bytes
+        reshard = world_size() > 1  # one process: gather once per step, not again in backward
+        for layer in decoder_layers(model):
+            fully_shard(layer, mesh=mesh, reshard_after_forward=reshard)
+        fully_shard(model, mesh=mesh)
     for module in model.modules():
         if isinstance(module, FSDPModule):  # sum the gradients (the loss is already averaged
             module.set_gradient_divide_factor(1.0)  # over every rank's tokens), with plain
@@ -278,11 +289,10 @@ def metrics_log(path: Path) -> MetricsLog:
 def parameter_counts(model: nn.Module, counts: tuple[int, int]) -> tuple[int, int]:
     """(trainable, total) without the quantized storage that sharding made parameters."""
     extra = sum(
-        param.numel()
+        module._parameters[name].numel()
         for module in model.modules()
-        if hasattr(module, "dequantize_weight")
-        for name, param in module._parameters.items()
-        if name in QUANT_STORAGE and param is not None
+        for name in getattr(module, "_as_bytes", {})
+        if module._parameters.get(name) is not None
     )
     return counts[0], counts[1] - extra
 

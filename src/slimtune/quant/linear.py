@@ -9,6 +9,13 @@ NF4 (or FP4, or int8) and dequantized on the fly for each matmul; LoRA trains on
 Gradients flow to x (and so into LoRA's A and B wrapped around this layer), never to
 the codes. The statistics keep their dtype through `model.to(torch.bfloat16)`.
 
+For FSDP2 (distributed.py) `store_as_parameters()` turns the stored tensors into frozen
+parameters, each a flat bf16 *view of its bytes* (as bitsandbytes' `quant_storage=bf16`):
+FSDP2 shards parameters only, and some torch versions (2.11) make every sharded tensor
+a Parameter, which only floating dtypes can be. Reading them views the bytes back:
+
+    codes uint8 (n,) ──bytes──► bf16 (⌈n/2⌉,) (a zero byte appended to an odd n) ──► uint8 (n,)
+
     model = st.quantize_model(model, "nf4")     # every nn.Linear except lm_head
     st.quant.linear.quantization_of(model)      # {"quant": "nf4", "blocksize": 64, ...}
 """
@@ -25,6 +32,7 @@ from torch import Tensor, nn
 from slimtune.errors import SlimtuneError
 from slimtune.quant import QuantState, QuantState4bit, QuantStateInt8, check_quant_args, quantize
 
+STORAGE_DTYPE = torch.bfloat16  # what stored tensors become for sharding: bytes, never cast
 ATTRIBUTE = "slimtune_quantization"  # where quantize_model records what it did on the model
 ADAPTER_PARTS = re.compile(r"(^|\.)(lora_[A-Za-z_]+|adapter_[A-Za-z_]+|modules_to_save)(\.|$)")
 
@@ -38,6 +46,21 @@ def _dequantize(state: QuantState, dtype: torch.dtype) -> Tensor:
             return state.dequantize(dtype)
         return dequantize(state, dtype)
     return state.dequantize(dtype)
+
+
+def bytes_as_storage(tensor: Tensor) -> Tensor:
+    """The bytes of `tensor` as a flat STORAGE_DTYPE tensor (a reinterpretation, no cast)."""
+    raw = tensor.detach().contiguous().reshape(-1).view(torch.uint8)  # (nbytes,)
+    pad = -raw.numel() % STORAGE_DTYPE.itemsize  # an odd byte count gets one zero byte
+    if pad:
+        raw = torch.cat([raw, raw.new_zeros(pad)])
+    return raw.view(STORAGE_DTYPE)  # (⌈nbytes / 2⌉,)
+
+
+def storage_as(storage: Tensor, dtype: torch.dtype, shape: torch.Size) -> Tensor:
+    """Undo `bytes_as_storage`: the first nbytes of `storage` viewed as `dtype`, `shape`."""
+    nbytes = shape.numel() * dtype.itemsize
+    return storage.view(torch.uint8)[:nbytes].view(dtype).view(shape)
 
 
 class _FrozenMatmul(torch.autograd.Function):
@@ -70,23 +93,45 @@ class QuantLinear(nn.Module):
             names = ("codes", "absmax", "outlier_columns", "outliers")
         for name in names:
             self.register_buffer(name, getattr(state, name))
+        self._as_bytes: dict[str, tuple[torch.dtype, torch.Size]] = {}  # see store_as_parameters
         self.bias = (
             None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
         )
 
+    def _stored(self, name: str) -> Tensor | None:
+        """A stored tensor in its own dtype and shape (viewed back from its bytes if need be)."""
+        tensor = getattr(self, name)
+        view = self._as_bytes.get(name)
+        return tensor if view is None or tensor is None else storage_as(tensor, *view)
+
     @property
     def quant_state(self) -> QuantState:
         """The record of the stored weight (views of this layer's buffers)."""
-        m = self._meta
+        m, t = self._meta, self._stored
         if self.quant_type == "int8":
             return QuantStateInt8(
-                self.codes, self.absmax, self.outlier_columns, self.outliers,
+                t("codes"), t("absmax"), t("outlier_columns"), t("outliers"),
                 m["shape"], m["dtype"], m["threshold"],
             )  # fmt: skip
         return QuantState4bit(
-            self.quant_type, self.codes, self.absmax, m["shape"], m["dtype"],
-            m["blocksize"], self.absmax2, self.offset,
+            self.quant_type, t("codes"), t("absmax"), m["shape"], m["dtype"],
+            m["blocksize"], t("absmax2"), t("offset"),
         )  # fmt: skip
+
+    def store_as_parameters(self) -> list[str]:
+        """Make each stored tensor (codes and statistics) a frozen parameter holding its
+        bytes as flat STORAGE_DTYPE, which FSDP2 shards on dim 0 like any parameter;
+        scalars and empty tensors stay buffers. Returns the names that moved."""
+        moved = []
+        for name, tensor in list(self._buffers.items()):
+            if tensor is None or tensor.dim() == 0 or tensor.numel() == 0:
+                continue
+            self._as_bytes[name] = (tensor.dtype, tensor.shape)
+            del self._buffers[name]
+            storage = nn.Parameter(bytes_as_storage(tensor), requires_grad=False)
+            self.register_parameter(name, storage)
+            moved.append(name)
+        return moved
 
     def dequantize_weight(self, dtype: torch.dtype | None = None) -> Tensor:
         """The dequantized weight Ŵ (out, in), in `dtype` (default: the original dtype)."""
@@ -97,13 +142,19 @@ class QuantLinear(nn.Module):
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
     def _apply(self, fn, recurse: bool = True):
-        """Move the statistics with the module but never change their dtype."""
+        """Move the stored tensors with the module but never change their dtype
+        (`model.to(torch.float16)` must not cast codes, statistics or their bytes)."""
         before = {k: v for k, v in self._buffers.items() if v is not None}
+        stored = {k: self._parameters[k].data for k in self._as_bytes if k in self._parameters}
         super()._apply(fn, recurse)
         for name, old in before.items():
             new = self._buffers[name]
             if new.dtype != old.dtype:
                 self._buffers[name] = old.to(new.device)
+        for name, old in stored.items():
+            param = self._parameters[name]
+            if param.dtype != old.dtype:
+                param.data = old.to(param.device)
         return self
 
     def extra_repr(self) -> str:
