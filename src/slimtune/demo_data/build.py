@@ -39,14 +39,21 @@ PHRASES = [
 
 def row(rng: random.Random, first: list[str], last: list[str], city: list[str]) -> dict:
     person = dict(
-        first=rng.choice(first), last=rng.choice(last), city=rng.choice(city),
-        job=rng.choice(JOB), age=rng.randint(19, 78),
+        first=rng.choice(first),
+        last=rng.choice(last),
+        city=rng.choice(city),
+        job=rng.choice(JOB),
+        age=rng.randint(19, 78),
     )
     person["a_job"] = ("an " if person["job"][0] in "aeiou" else "a ") + person["job"]
     question = rng.choice(PHRASES).format(**person)
     answer = "{last}, {first} | {age} | {job} | {city}".format(**person)
-    return {"messages": [{"role": "user", "content": question},
-                         {"role": "assistant", "content": answer}]}
+    return {
+        "messages": [
+            {"role": "user", "content": question},
+            {"role": "assistant", "content": answer},
+        ]
+    }
 
 
 def main() -> None:
@@ -54,8 +61,10 @@ def main() -> None:
     split = lambda names: (names[: len(names) * 3 // 4], names[len(names) * 3 // 4 :])  # noqa: E731
     (first_a, first_b), (last_a, last_b), (city_a, city_b) = split(FIRST), split(LAST), split(CITY)
     here = Path(__file__).parent
-    for name, count, names in (("train", 160, (first_a, last_a, city_a)),
-                               ("heldout", 40, (first_b, last_b, city_b))):
+    for name, count, names in (
+        ("train", 160, (first_a, last_a, city_a)),
+        ("heldout", 40, (first_b, last_b, city_b)),
+    ):
         rows = [row(rng, *names) for _ in range(count)]
         text = "".join(json.dumps(r) + "\n" for r in rows)
         (here / f"{name}.jsonl").write_text(text, encoding="utf-8")
