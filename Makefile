@@ -38,7 +38,7 @@ demo: $(STAMP)
 compare: $(STAMP)
 	$(BIN)/slimtune compare --model smollm2-135m --data src/slimtune/demo_data/train.jsonl \
 		--eval-data src/slimtune/demo_data/heldout.jsonl --methods lora,qlora,dora,ia3,prompt,adapter,full \
-		--ranks 1,2,8,64 --max-steps 24 --batch-size 4 --max-length 128 --out docs/compare --overwrite
+		--ranks 1,2,8,64 --max-steps 12 --batch-size 4 --max-length 128 --jobs 3 --out docs/compare --overwrite
 
 # llama.cpp itself runs the exported GGUF files (llama-cpp-python builds from source: minutes)
 test-llamacpp: $(STAMP)

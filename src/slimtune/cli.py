@@ -117,6 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-length", type=int, default=None)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--keep-runs", action="store_true", help="keep DIR/runs/ (adapters, metrics)")
+    p.add_argument("--jobs", type=int, default=None, help="training runs at a time (1)")
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--quiet", action="store_true")
 

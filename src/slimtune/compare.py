@@ -24,6 +24,7 @@ import subprocess
 import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +54,7 @@ class CompareSettings:
     max_length: int = 256  # tokens per row
     seed: int = 0  # data order and init
     latency_tokens: int = 16  # tokens generated per latency measurement
+    jobs: int = 1  # training runs at a time (each child gets cpu_count / jobs threads)
     lr: dict[str, float] = dataclasses.field(default_factory=dict)  # overrides of DEFAULT_LR
 
 
@@ -154,6 +156,33 @@ def interleaved_latency(
     return {name: min(values) for name, values in times.items()}
 
 
+def step_seconds(model, batch: dict[str, torch.Tensor]) -> float:
+    """Wall time of one training forward+backward (the trainer's loss) on `batch`."""
+    from slimtune.loss import causal_lm_loss
+
+    model.train()
+    start = time.perf_counter()
+    loss, count = causal_lm_loss(model, batch)
+    (loss / count).backward()
+    seconds = time.perf_counter() - start
+    model.zero_grad(set_to_none=True)
+    return seconds
+
+
+def interleaved_train_speed(models: dict[str, Any], batch: dict, rounds: int = 3) -> dict:
+    """Tokens per second of one forward+backward per model, fastest of `rounds`, interleaved."""
+    tokens = int(batch["attention_mask"].sum())
+    for model in models.values():  # warm-up
+        step_seconds(model, batch)
+    times: dict[str, list[float]] = {name: [] for name in models}
+    for i in range(rounds):
+        for name in list(models)[:: 1 if i % 2 == 0 else -1]:
+            times[name].append(step_seconds(models[name], batch))
+    for model in models.values():
+        model.eval()
+    return {name: tokens / min(values) for name, values in times.items()}
+
+
 def dir_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
@@ -190,7 +219,7 @@ def run_job(job: dict[str, Any], settings: CompareSettings, out: Path) -> dict[s
         result.update(
             lr=lr, rank=job["rank"] if method in ("lora", "qlora", "dora") else None,
             trainable_params=summary["trainable_params"], total_params=summary["total_params"],
-            peak_train_memory_mb=peak.peak_bytes / 2**20, train_tokens_per_s=summary["tokens_per_s"],
+            peak_train_memory_mb=peak.peak_bytes / 2**20, run_tokens_per_s=summary["tokens_per_s"],
             first_loss=summary["first_loss"], final_loss=summary["final_loss"],
             adapter_bytes=dir_bytes(out / "adapter"),
             extra_context_tokens=getattr(model, "num_virtual_tokens", 0),
@@ -209,6 +238,7 @@ def latency_job(labels: list[str], settings: CompareSettings, runs_dir: Path) ->
     """ms per token of the base model and every method (unmerged, then merged), one process."""
     import copy
 
+    from slimtune.data import collate, load_dataset
     from slimtune.evaluate import exact_match_pairs, load_for_eval
     from slimtune.inject import merge
     from slimtune.io import load_adapter
@@ -230,10 +260,14 @@ def latency_job(labels: list[str], settings: CompareSettings, runs_dir: Path) ->
             models[label] = load_adapter(model, directory).eval()
     heldout = load_for_eval(Path(settings.eval_data), tokenizer, settings.max_length, True)
     prompt = exact_match_pairs(heldout, tokenizer)[0][0] if heldout.format != "text" else [0] * 16
+    train_data = load_dataset(settings.data, tokenizer, settings.max_length, quiet=True)
+    batch = collate(train_data.examples[: settings.batch_size], pad_id=0)
+    trained = {k: v for k, v in models.items() if k != "base"}
+    speed = interleaved_train_speed(trained, batch)
     unmerged = interleaved_latency(models, prompt, settings.latency_tokens)
     mergeable = {k: merge(v) for k, v in models.items() if k in MERGEABLE}
     merged = interleaved_latency({"base": base, **mergeable}, prompt, settings.latency_tokens)
-    return {"unmerged": unmerged, "merged": merged}
+    return {"unmerged": unmerged, "merged": merged, "train_tokens_per_s": speed}
 
 
 def child_main(job_file: str) -> None:
@@ -255,7 +289,10 @@ def run_child(job: dict[str, Any], settings: CompareSettings, out: Path) -> dict
     spec = {"job": job, "settings": dataclasses.asdict(settings), "out": str(out)}
     job_file.write_text(json.dumps(spec, indent=2) + "\n")
     code = f"from slimtune.compare import child_main; child_main({str(job_file)!r})"
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    env = dict(os.environ)
+    if settings.jobs > 1 and job["method"] != "latency":
+        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // settings.jobs))
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         tail = " | ".join(proc.stderr.strip().splitlines()[-3:])
         raise SlimtuneError(f"compare: the {job['label']} run failed: {tail}")
@@ -281,21 +318,28 @@ def compare(
         if not Path(path).is_file():
             raise SlimtuneError(f"compare: data file {path} does not exist")
     out = Path(out_dir)
-    runs = []
     todo = jobs(settings)
-    for i, job in enumerate(todo, 1):
-        if not quiet:
-            print(f"[{i}/{len(todo)}] {job['label']} …", file=sys.stderr, flush=True)
+
+    def one(job: dict[str, Any]) -> dict[str, Any]:
         began = time.perf_counter()
-        runs.append(run_child(job, settings, out / "runs" / job["label"]))
+        result = run_child(job, settings, out / "runs" / job["label"])
         if not quiet:
-            print(f"      done in {time.perf_counter() - began:.0f} s", file=sys.stderr)
+            took = time.perf_counter() - began
+            print(f"{job['label']} done in {took:.0f} s", file=sys.stderr, flush=True)
+        return result
+
+    if not quiet:
+        print(f"{len(todo)} runs, {settings.jobs} at a time …", file=sys.stderr, flush=True)
+    with ThreadPoolExecutor(max_workers=settings.jobs) as pool:
+        runs = list(pool.map(one, todo))
     labels = [r["label"] for r in runs if r["label"] in ("base", *settings.methods)]
     if not quiet:
         print(f"latency of {', '.join(labels)} (interleaved) …", file=sys.stderr, flush=True)
     job = {"label": "latency", "method": "latency", "labels": labels, "rank": None}
     latency = run_child(job, settings, out / "runs" / "latency")
     for run in runs:
+        if run["label"] in latency["train_tokens_per_s"]:
+            run["train_tokens_per_s"] = latency["train_tokens_per_s"][run["label"]]
         if run["label"] in latency["unmerged"]:
             run["ms_per_token"] = latency["unmerged"][run["label"]]
         if run["label"] in latency["merged"] and run["label"] != "base":

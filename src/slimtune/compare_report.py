@@ -218,7 +218,10 @@ def markdown(report: dict[str, Any], charts: list[str]) -> str:
         "Latency is the time per generated token (greedy, KV cache, batch 1, "
         f"{s['latency_tokens']} tokens), the fastest of 5 rounds in which all models take "
         "turns in one process (merged models in a second pass beside the base model); the "
-        "rank-sweep runs are not timed. Memory on the CPU is the process's resident memory "
+        "rank-sweep runs are not timed. Training tokens/s is one forward+backward on the same "
+        f"batch of {s['batch_size']} training rows, the models taking turns in the same process "
+        "(fastest of 3 rounds; report.json also keeps each run's own average as "
+        "run_tokens_per_s). Memory on the CPU is the process's resident memory "
         "sampled during training (weights included); on a GPU, PyTorch's peak allocation.",
         "",
         table(report),

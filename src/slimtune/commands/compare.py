@@ -41,7 +41,7 @@ def run(args: argparse.Namespace) -> int:
     from slimtune.models import resolve_model_path
 
     methods, ranks = parse_methods(args.methods), parse_ranks(args.ranks)
-    for name in ("max_steps", "batch_size", "max_length", "rank"):
+    for name in ("max_steps", "batch_size", "max_length", "rank", "jobs"):
         value = getattr(args, name)
         if value is not None and value <= 0:
             raise SlimtuneError(
@@ -57,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
     if eval_data is None:
         data, eval_data = split_rows(data, out, seed)
     given = {"max_steps": args.max_steps, "batch_size": args.batch_size,
-             "max_length": args.max_length, "rank": args.rank}  # fmt: skip
+             "max_length": args.max_length, "rank": args.rank, "jobs": args.jobs}  # fmt: skip
     settings = CompareSettings(
         model=str(args.model), data=str(data), eval_data=str(eval_data), methods=methods,
         ranks=ranks, seed=seed, **{k: v for k, v in given.items() if v is not None},
