@@ -82,7 +82,7 @@ def run(args: argparse.Namespace) -> int:
     quiet_transformers(args.quiet)
     say = (lambda *a: None) if args.quiet else print
     threads = pick_threads()
-    say(f"slimtune demo: teach SmolLM2-135M a fixed answer format (LoRA, CPU, {threads} threads)")
+    say(f"slimtune demo: teach SmolLM2-135M a fixed answer format (LoRA, CPU, {threads} thr.)")
     say(f"  loading {MODEL} (the first time converts its GGUF file, about 20 s) …")
     model, tokenizer = load_model(MODEL)
     train_data = load_dataset(demo_file("train.jsonl"), tokenizer, TRAIN.max_length)
