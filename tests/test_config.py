@@ -6,7 +6,14 @@ from slimtune.errors import SlimtuneError
 
 @pytest.mark.parametrize(
     ("field", "value"),
-    [("r", 0), ("r", -1), ("lora_alpha", 0), ("lora_dropout", 1.0), ("lora_dropout", -0.1), ("bias", "some")],
+    [
+        ("r", 0),
+        ("r", -1),
+        ("lora_alpha", 0),
+        ("lora_dropout", 1.0),
+        ("lora_dropout", -0.1),
+        ("bias", "some"),
+    ],
 )
 def test_bad_lora_config_names_field(field, value):
     with pytest.raises(SlimtuneError, match=field):

@@ -30,19 +30,27 @@ class LoraConfig:
     r: int = 8  # rank of A (r×in) and B (out×r)
     lora_alpha: float = 8  # scaling numerator: scaling = lora_alpha / r
     lora_dropout: float = 0.0  # dropout on the adapter's input, in [0, 1)
-    target_modules: list[str] | str | None = None  # suffixes, a full regex, "all-linear", or None (model default)
+    target_modules: list[str] | str | None = (
+        None  # suffixes, a full regex, "all-linear", or None (model default)
+    )
     exclude_modules: list[str] | str | None = None  # suffixes or regex never adapted
     layers_to_transform: list[int] | int | None = None  # only these layer indices
     layers_pattern: str | None = None  # name of the layer list ("layers", "h") when ambiguous
-    modules_to_save: list[str] | None = None  # modules trained in full and saved (e.g. a classifier)
+    modules_to_save: list[str] | None = (
+        None  # modules trained in full and saved (e.g. a classifier)
+    )
     bias: Literal["none", "all", "lora_only"] = "none"  # which biases train
     use_rslora: bool = False  # scaling = lora_alpha / sqrt(r)
     rank_pattern: dict[str, int] = field(default_factory=dict)  # module regex -> rank
     alpha_pattern: dict[str, float] = field(default_factory=dict)  # module regex -> alpha
     fan_in_fan_out: bool = False  # base weight stored (in, out), as GPT-2's Conv1D
-    init_lora_weights: InitLora = True  # True: Kaiming A, zero B; "gaussian"; "pissa"; "loftq"; False: random B
+    init_lora_weights: InitLora = (
+        True  # True: Kaiming A, zero B; "gaussian"; "pissa"; "loftq"; False: random B
+    )
     use_dora: bool = False  # weight-decomposed LoRA (magnitude vector · direction)
-    enable_lora: dict[str, list[bool]] = field(default_factory=dict)  # fused module suffix -> slices to adapt
+    enable_lora: dict[str, list[bool]] = field(
+        default_factory=dict
+    )  # fused module suffix -> slices to adapt
     task_type: str | None = None  # PEFT's task type ("CAUSAL_LM", "SEQ_CLS"); informational
 
     def __post_init__(self) -> None:
@@ -57,7 +65,9 @@ class LoraConfig:
             raise _fail(name, "bias", self.bias, "'none', 'all' or 'lora_only'")
         if self.init_lora_weights not in (True, False, "gaussian", "pissa", "loftq"):
             raise _fail(
-                name, "init_lora_weights", self.init_lora_weights,
+                name,
+                "init_lora_weights",
+                self.init_lora_weights,
                 "True, False, 'gaussian', 'pissa' or 'loftq'",
             )
         for key, rank in self.rank_pattern.items():
@@ -80,8 +90,12 @@ class PromptTuningConfig:
     """Prompt tuning: n trainable virtual-token embeddings prepended to the input embeddings."""
 
     num_virtual_tokens: int = 20  # n, the number of soft-prompt vectors
-    prompt_tuning_init: Literal["RANDOM", "SAMPLE_VOCAB", "TEXT"] = "RANDOM"  # how the prompt starts
-    prompt_tuning_init_text: str | None = None  # the text whose embeddings start the prompt ("TEXT")
+    prompt_tuning_init: Literal["RANDOM", "SAMPLE_VOCAB", "TEXT"] = (
+        "RANDOM"  # how the prompt starts
+    )
+    prompt_tuning_init_text: str | None = (
+        None  # the text whose embeddings start the prompt ("TEXT")
+    )
     tokenizer_name_or_path: str | None = None  # recorded in the PEFT file (informational)
     token_dim: int | None = None  # hidden size of the model; filled in from the model when None
     task_type: str | None = "CAUSAL_LM"  # PEFT's task type; informational
