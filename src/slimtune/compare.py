@@ -183,6 +183,19 @@ def interleaved_train_speed(models: dict[str, Any], batch: dict, rounds: int = 3
     return {name: tokens / min(values) for name, values in times.items()}
 
 
+def release_freed_memory() -> None:
+    """Hand freed heap memory back to the OS (glibc), so that resident memory measured
+    during training does not count weights dropped before it (e.g. the fp32 copy that
+    QLoRA quantized away)."""
+    gc.collect()
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def dir_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
@@ -206,8 +219,10 @@ def run_job(job: dict[str, Any], settings: CompareSettings, out: Path) -> dict[s
         result.update(trainable_params=0, total_params=total, extra_context_tokens=0)
     else:
         options = {"model": settings.model, "base_model": settings.model, "rank": job["rank"]}
+        if method in ("lora", "qlora", "dora"):  # the same layers for all three (QLoRA's choice)
+            options["target_modules"] = "all-linear"
         model, save_fn = prepare_method(model, method, options)
-        gc.collect()
+        release_freed_memory()
         lr = settings.lr.get(method, DEFAULT_LR[method])
         config = TrainConfig(max_steps=settings.max_steps, batch_size=settings.batch_size,
                              max_length=settings.max_length, lr=lr, seed=settings.seed,

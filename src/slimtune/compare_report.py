@@ -212,8 +212,8 @@ def markdown(report: dict[str, Any], charts: list[str]) -> str:
         "",
         f"Model `{s['model']}`, training data `{s['data']}`, held-out data `{s['eval_data']}`. "
         f"Every method trains {s['max_steps']} steps of {s['batch_size']} rows (max length "
-        f"{s['max_length']}) with seed {s['seed']} on {device}; LoRA, QLoRA and DoRA use rank "
-        f"{s['rank']}. Peak learning rates: {lrs}. `base` is the model before training.",
+        f"{s['max_length']}) with seed {s['seed']} on {device}; LoRA, QLoRA and DoRA adapt every linear "
+        f"layer (all-linear) at rank {s['rank']} (the sweep changes only the rank). Peak learning rates: {lrs}. `base` is the model before training.",
         "",
         "Latency is the time per generated token (greedy, KV cache, batch 1, "
         f"{s['latency_tokens']} tokens), the fastest of 5 rounds in which all models take "
