@@ -282,7 +282,8 @@ def latency_job(labels: list[str], settings: CompareSettings, runs_dir: Path) ->
     unmerged = interleaved_latency(models, prompt, settings.latency_tokens)
     mergeable = {k: merge(v) for k, v in models.items() if k in MERGEABLE}
     merged = interleaved_latency({"base": base, **mergeable}, prompt, settings.latency_tokens)
-    return {"unmerged": unmerged, "merged": merged, "train_tokens_per_s": speed}
+    return {"unmerged": unmerged, "merged": merged, "train_tokens_per_s": speed,
+            "threads": torch.get_num_threads(), "load_average": os.getloadavg()[0]}  # fmt: skip
 
 
 def child_main(job_file: str) -> None:
@@ -362,6 +363,7 @@ def compare(
             run["base_ms_per_token_merged_pass"] = latency["merged"]["base"]
     report = {"settings": dataclasses.asdict(settings), "runs": runs}
     report["settings"]["lr"] = {m: settings.lr.get(m, DEFAULT_LR[m]) for m in METHODS}
+    report["timing"] = {"threads": latency["threads"], "load_average": latency["load_average"]}
     write_report(report, out)
     if not keep_runs:
         shutil.rmtree(out / "runs", ignore_errors=True)

@@ -190,22 +190,24 @@ def write_report(report: dict[str, Any], out: Path) -> None:
     write_text_atomic(out / "report.md", markdown(report, charts))
 
 
-def _device(runs: list[dict[str, Any]]) -> str:
-    """'`cpu` (2 threads; load average 7.1 on 2 CPUs during the runs)'."""
-    first = runs[0]
-    text = f"`{first.get('device', 'cpu')}`"
+def _device(report: dict[str, Any]) -> str:
+    """Where the runs ran, with the threads and the machine's load (timings are only as good)."""
+    runs, timing = report["runs"], report.get("timing", {})
+    text = f"`{runs[0].get('device', 'cpu')}`"
     loads = [r["load_average"] for r in runs if r.get("load_average") is not None]
-    if first.get("device") == "cpu" and loads:
-        cpus = os.cpu_count() or 1
-        text += (f" ({first.get('threads')} threads; load average {sum(loads) / len(loads):.1f} "
-                 f"on {cpus} CPUs during the runs: a load above {cpus} means other work shared "
-                 "the machine and the timings are noisy)")  # fmt: skip
+    if runs[0].get("device") == "cpu" and loads:
+        cpus, jobs = os.cpu_count() or 1, report["settings"].get("jobs", 1)
+        text += (f" (training runs {jobs} at a time with {runs[0].get('threads')} thread(s) each; "
+                 f"timings with {timing.get('threads', '?')} thread(s); load average "
+                 f"{sum(loads) / len(loads):.1f} during the runs and "
+                 f"{timing.get('load_average', float('nan')):.1f} during the timings, on {cpus} "
+                 "CPUs: a load above the CPU count means other work shared the machine)")  # fmt: skip
     return text
 
 
 def markdown(report: dict[str, Any], charts: list[str]) -> str:
     s = report["settings"]
-    device = _device(report["runs"])
+    device = _device(report)
     lrs = ", ".join(f"{m} {lr:g}" for m, lr in s["lr"].items())
     lines = [
         "# slimtune: methods compared",
