@@ -24,8 +24,10 @@ def test_compare_runs_end_to_end(tiny_llama_dir, tmp_path, capsys):
     report = json.loads((out / "report.json").read_text())
     assert [r["label"] for r in report["runs"]] == ["base", "lora", "prompt", "lora-r2"]
     rows = {r["label"]: r for r in report["runs"]}
-    # trainable parameters: LoRA on q_proj (32->32) and v_proj (32->16) of 2 layers; 20 soft tokens
-    assert rows["lora-r2"]["trainable_params"] == 2 * 2 * ((32 + 32) + (32 + 16))
+    # LoRA r=2 on every linear layer of 2 layers: r·(in+out) for q, k, v, o, gate, up, down
+    per_layer = (32 + 32) + (32 + 16) + (32 + 16) + (32 + 32) + 2 * (32 + 64) + (64 + 32)
+    assert rows["lora-r2"]["trainable_params"] == 2 * 2 * per_layer
+    # 20 soft tokens of width 32
     assert rows["prompt"]["trainable_params"] == 20 * 32
     assert rows["prompt"]["extra_context_tokens"] == 20
     assert rows["lora"]["merged_ms_per_token"] > 0 and "merged_ms_per_token" not in rows["prompt"]
