@@ -30,6 +30,8 @@ format: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/lora_layer.py
+	$(BIN)/python bench/train_cpu.py
+	$(BIN)/python bench/quant_quality.py
 
 demo: $(STAMP)
 	$(BIN)/slimtune demo
