@@ -55,10 +55,11 @@ def parse_targets(value: str | list[str] | None) -> list[str] | str | None:
 
 
 def lora_config(options: dict[str, Any], default_targets: str | None = None) -> LoraConfig:
-    rank = options.get("rank") or 8
+    rank = 8 if options.get("rank") is None else options["rank"]
+    alpha = 2 * rank if options.get("alpha") is None else options["alpha"]
     return LoraConfig(
         r=rank,
-        lora_alpha=options.get("alpha") or 2 * rank,
+        lora_alpha=alpha,
         lora_dropout=options.get("dropout") or 0.0,
         target_modules=parse_targets(options.get("target_modules")) or default_targets,
         task_type="CAUSAL_LM",
