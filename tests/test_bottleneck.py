@@ -4,45 +4,17 @@ import copy
 
 import pytest
 import torch
-from transformers import (
-    BertConfig,
-    BertModel,
-    GPT2Config,
-    GPT2LMHeadModel,
-    LlamaConfig,
-    LlamaForCausalLM,
-)
 
 import slimtune as st
 from slimtune.bottleneck import BottleneckLayer, bottleneck
 from slimtune.config import BottleneckConfig
 from slimtune.errors import SlimtuneError
+from tiny_models import tiny_bert, tiny_gpt2, tiny_llama
 
 
 def tiny(kind: str):
-    torch.manual_seed(0)
-    if kind == "llama":
-        config = LlamaConfig(
-            vocab_size=64,
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-        )
-        return LlamaForCausalLM(config).eval()
-    if kind == "gpt2":
-        config = GPT2Config(vocab_size=64, n_embd=32, n_layer=2, n_head=4, n_positions=64)
-        return GPT2LMHeadModel(config).eval()
-    config = BertConfig(
-        vocab_size=64,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=64,
-        max_position_embeddings=64,
-    )
-    return BertModel(config, add_pooling_layer=False).eval()
+    builders = {"llama": tiny_llama, "gpt2": tiny_gpt2}
+    return builders.get(kind, tiny_bert)()
 
 
 # the sub-layers whose output the paper adapts, named independently of slimtune's defaults

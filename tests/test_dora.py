@@ -6,28 +6,15 @@ import pytest
 import torch
 from peft import LoraConfig as PeftLoraConfig
 from peft import PeftModel, get_peft_model
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 import slimtune as st
 import slimtune.dora  # noqa: F401  (registers the DoRA variant)
 from slimtune.config import LoraConfig
 from slimtune.dora import DoraLinear, dora_weight
 from slimtune.errors import SlimtuneError
+from tiny_models import tiny_gpt2, tiny_llama
 
 TARGETS = ["q_proj", "v_proj", "down_proj"]
-
-
-def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-    )
-    return LlamaForCausalLM(config).eval()
 
 
 def trained_peft_dora(path):
@@ -107,10 +94,7 @@ def test_dora_weight_is_the_formula():
 
 
 def test_gpt2_conv1d_matches_peft(tmp_path):
-    torch.manual_seed(0)
-    base = GPT2LMHeadModel(
-        GPT2Config(vocab_size=64, n_embd=32, n_layer=2, n_head=4, n_positions=32)
-    ).eval()
+    base = tiny_gpt2(n_positions=32)
     config = PeftLoraConfig(r=2, target_modules=["c_proj"], use_dora=True, fan_in_fan_out=True)
     peft_model = get_peft_model(copy.deepcopy(base), config).eval()
     for name, param in peft_model.named_parameters():

@@ -6,28 +6,16 @@ import pytest
 import torch
 from peft import IA3Config as PeftIA3Config
 from peft import PeftModel, get_peft_model
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 import slimtune as st
 from slimtune.config import IA3Config
 from slimtune.errors import SlimtuneError
 from slimtune.ia3 import IA3Linear, merge_ia3
+from tiny_models import tiny_gpt2, tiny_llama
 
 
 def tiny(kind: str = "llama"):
-    torch.manual_seed(0)
-    if kind == "gpt2":
-        config = GPT2Config(vocab_size=64, n_embd=32, n_layer=2, n_head=4, n_positions=32)
-        return GPT2LMHeadModel(config).eval()
-    config = LlamaConfig(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-    )
-    return LlamaForCausalLM(config).eval()
+    return tiny_gpt2(n_positions=32) if kind == "gpt2" else tiny_llama()
 
 
 def logits(model, ids):

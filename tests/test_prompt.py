@@ -7,8 +7,8 @@ import torch
 from peft import PeftModel, get_peft_model
 from peft import PromptTuningConfig as PeftPromptTuningConfig
 from safetensors.torch import load_file, save_file
-from transformers import LlamaConfig, LlamaForCausalLM
 
+import tiny_models
 from slimtune.config import PromptTuningConfig
 from slimtune.errors import SlimtuneError
 from slimtune.prompt import (
@@ -20,19 +20,8 @@ from slimtune.prompt import (
 )
 
 
-def tiny_llama(seed: int = 0, hidden: int = 32) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=64,
-        hidden_size=hidden,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        pad_token_id=0,
-        eos_token_id=2,
-    )
-    return LlamaForCausalLM(config).eval()
+def tiny_llama(seed: int = 0) -> torch.nn.Module:
+    return tiny_models.tiny_llama(seed, pad_token_id=0, eos_token_id=2)
 
 
 def test_peft_soft_prompt_loads_with_identical_logits(tmp_path):

@@ -1,0 +1,55 @@
+"""Tiny random transformers models shared by the method tests (no hub, seeded, in eval mode).
+
+Each builder seeds torch with `seed` right before building, so two calls with the same
+arguments give identical weights. Sizes are the ones the tests were written against; pass
+keyword overrides (e.g. `tiny_gpt2(n_positions=32)`, `tiny_llama(pad_token_id=0)`) rather
+than changing the defaults, because a different config draws different random weights.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import (
+    BertConfig,
+    BertModel,
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+)
+
+
+def tiny_llama(seed: int = 0, **overrides) -> LlamaForCausalLM:
+    """LlamaForCausalLM: vocab 64, hidden 32, MLP 64, 2 layers, 4 heads, 2 KV heads."""
+    settings = dict(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
+    settings.update(overrides)
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(LlamaConfig(**settings)).eval()
+
+
+def tiny_gpt2(seed: int = 0, *, n_positions: int = 64) -> GPT2LMHeadModel:
+    """GPT2LMHeadModel: vocab 64, width 32, 2 layers, 4 heads, `n_positions` positions."""
+    torch.manual_seed(seed)
+    config = GPT2Config(vocab_size=64, n_embd=32, n_layer=2, n_head=4, n_positions=n_positions)
+    return GPT2LMHeadModel(config).eval()
+
+
+def tiny_bert(seed: int = 0) -> BertModel:
+    """BertModel without pooler: vocab 64, hidden 32, MLP 64, 2 layers, 4 heads, 64 positions."""
+    torch.manual_seed(seed)
+    config = BertConfig(
+        vocab_size=64,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=64,
+    )
+    return BertModel(config, add_pooling_layer=False).eval()
