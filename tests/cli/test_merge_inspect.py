@@ -9,6 +9,7 @@ from pathlib import Path
 import peft
 import pytest
 import torch
+from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from slimtune.cli import main
@@ -57,7 +58,8 @@ def test_inspect_reports_method_ranks_count_and_size(peft_adapter, capsys):
     assert main(["inspect", str(adapter)]) == 0
     text = capsys.readouterr().out
     assert "LORA (r=4, lora_alpha=8, scaling 2)" in text
-    assert "model.layers.0.self_attn.q_proj  rank 4" in text
+    layers = len({k.split(".")[4] for k in load_file(adapter / "adapter_model.safetensors")})
+    assert f"model.layers.*.self_attn.q_proj  ×{layers}  rank 4  lora_A (4, 32)" in text
     # PEFT's count of what trains: per layer q (32->32), v (32->16), down (64->32) at rank 4
     expected = 2 * 4 * ((32 + 32) + (32 + 16) + (64 + 32))
     assert f"trainable    {expected:,} parameters" in text

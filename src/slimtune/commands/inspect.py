@@ -2,7 +2,9 @@
 
     method       LORA (r=8, lora_alpha=16, scaling 2.0)
     base model   smollm2-135m
-    modules      60 adapted: model.layers.0.self_attn.q_proj  rank 8  A (8, 576)  B (576, 8) …
+    modules      210
+      model.layers.*.self_attn.q_proj  ×30  rank 8  lora_A (8, 576)  lora_B (576, 8)
+      …
     trainable    1,843,200 parameters
     file size    7.0 MiB (adapter_model.safetensors)
 
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 from collections import defaultdict
 from pathlib import Path
 
@@ -32,6 +35,23 @@ def _modules(tensors: dict[str, Tensor]) -> dict[str, dict[str, tuple[int, ...]]
         module = key[: -len(part) - 1] if part else key
         grouped[module][part.split(".")[0] if part else "tensor"] = tuple(value.shape)
     return grouped
+
+
+def _grouped(
+    modules: dict[str, dict[str, tuple[int, ...]]], fused: dict
+) -> list[tuple[str, int, str]]:
+    """Modules that differ only in their layer index, as one line: (pattern, count, detail)."""
+    groups: dict[tuple[str, str], int] = {}
+    for module, parts in modules.items():
+        rank = parts.get("lora_A", parts.get("lora_embedding_A", (None,)))[0]
+        detail = (f"  rank {rank}" if rank else "") + "".join(
+            f"  {part} {shape}" for part, shape in parts.items()
+        )
+        if module in fused:
+            detail += f"  fused {fused[module]['enable_lora']} r={fused[module]['r']}"
+        pattern = re.sub(r"\.\d+\.", ".*.", module)
+        groups[(pattern, detail)] = groups.get((pattern, detail), 0) + 1
+    return sorted(((p, n, d) for (p, d), n in groups.items()), key=lambda g: g[0])
 
 
 def _trainable(tensors: dict[str, Tensor], fused: dict) -> int:
@@ -80,15 +100,8 @@ def describe(path: str | Path) -> list[str]:
         lines.append(f"saved whole  {', '.join(dict.fromkeys(config['modules_to_save']))}")
     modules = _modules(tensors)
     lines.append(f"modules      {len(modules)}")
-    for module, parts in modules.items():
-        rank = parts.get("lora_A", parts.get("lora_embedding_A", (None,)))[0]
-        shapes = "  ".join(f"{p} {s}" for p, s in parts.items())
-        extra = (
-            f"  fused {fused[module]['enable_lora']} r={fused[module]['r']}"
-            if module in fused
-            else ""
-        )
-        lines.append(f"  {module}" + (f"  rank {rank}" if rank else "") + f"  {shapes}{extra}")
+    for pattern, count, detail in _grouped(modules, fused):
+        lines.append(f"  {pattern}  ×{count}{detail}" if count > 1 else f"  {pattern}{detail}")
     lines.append(f"trainable    {_trainable(tensors, fused):,} parameters")
     lines.append(f"file size    {_size(Path(path) / WEIGHTS_NAME)} ({WEIGHTS_NAME})")
     for key, value in sorted(metadata.items()):
