@@ -15,21 +15,14 @@ from __future__ import annotations
 
 import argparse
 import copy
-import statistics
-import time
 import warnings
 
 import torch
 
 import slimtune as st
+from _timing import SMOLLM2_135M, device_name, median_step_times
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-# SmolLM2-135M's architecture (its config.json): timing depends on shapes, not on values
-SMOLLM2_135M = dict(
-    vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
-    num_attention_heads=9, num_key_value_heads=3, head_dim=64, max_position_embeddings=8192,
-    rms_norm_eps=1e-5, tie_word_embeddings=True, rope_theta=100000.0,
-)  # fmt: skip
 
 
 def base_model(device: str, dtype: torch.dtype, shape_only: bool) -> torch.nn.Module:
@@ -59,18 +52,6 @@ def build(device: str, dtype: torch.dtype, r: int, shape_only: bool = False):
     return {"slimtune": ours, "peft": theirs}
 
 
-def step(model: torch.nn.Module, ids: torch.Tensor) -> None:
-    loss = model(input_ids=ids, labels=ids).loss
-    loss.backward()
-    for param in model.parameters():
-        param.grad = None
-
-
-def sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -88,22 +69,9 @@ def main() -> None:
     torch.manual_seed(0)
     models = build(args.device, DTYPES[args.dtype], args.rank, args.shape_only)
     ids = torch.randint(0, 49152, (args.batch, args.seq), device=args.device)
-    times: dict[str, list[float]] = {name: [] for name in models}
-    for rep in range(args.warmup + args.reps):
-        order = list(models) if rep % 2 == 0 else list(models)[::-1]
-        for name in order:
-            sync(args.device)
-            start = time.perf_counter()
-            step(models[name], ids)
-            sync(args.device)
-            if rep >= args.warmup:
-                times[name].append(time.perf_counter() - start)
-    ours, theirs = statistics.median(times["slimtune"]), statistics.median(times["peft"])
-    device = (
-        torch.cuda.get_device_name()
-        if args.device.startswith("cuda")
-        else f"CPU ({torch.get_num_threads()} threads)"
-    )
+    medians = median_step_times(models, ids, args.device, args.warmup, args.reps)
+    ours, theirs = medians["slimtune"], medians["peft"]
+    device = device_name(args.device)
     weights = "random weights, SmolLM2-135M shapes" if args.shape_only else "SmolLM2-135M"
     print(
         f"{weights}, LoRA r={args.rank} on all linear layers, batch {args.batch}×{args.seq}, {args.dtype}, {device}"
