@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
+import sys
 import time
 from importlib import resources
 from pathlib import Path
@@ -108,6 +110,15 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def command_name() -> str:
+    """`slimtune` when it is on PATH, else the path of the one in this environment (.venv/bin/…)."""
+    found = shutil.which("slimtune")
+    local = Path(sys.executable).parent / "slimtune"
+    if found or not local.exists():
+        return "slimtune"
+    return os.path.relpath(local) if not os.path.relpath(local).startswith("..") else str(local)
+
+
 def report(before: dict, after: dict, summary: dict, out: Path) -> str:
     gain = 100 * (after["exact_match"] - before["exact_match"])
     return "\n".join(
@@ -122,7 +133,7 @@ def report(before: dict, after: dict, summary: dict, out: Path) -> str:
             f"in {summary['wall_time_s']:.0f} s; whole demo {summary['demo_wall_time_s']:.0f} s; "
             f"run directory: {out}/",
             "try it:",
-            f'  slimtune generate --model {MODEL} --adapter {out}/adapter --prompt "{TRY_PROMPT}"',
-            f"  slimtune eval --model {MODEL} --adapter {out}/adapter --data {demo_file('heldout.jsonl')}",
+            f'  {command_name()} generate --model {MODEL} --adapter {out}/adapter --prompt "{TRY_PROMPT}"',
+            f"  {command_name()} eval --model {MODEL} --adapter {out}/adapter --data {demo_file('heldout.jsonl')}",
         ]
     )
