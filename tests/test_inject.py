@@ -18,19 +18,25 @@ import transformers as tf
 import slimtune as st
 from slimtune.errors import SlimtuneError
 from slimtune.lora import LoraEmbedding, LoraFusedLinear, LoraLinear
+from tiny_models import tiny_gpt2
 
 ATOL = 1e-5
 
 
-def tiny(arch: str) -> torch.nn.Module:
-    torch.manual_seed(0)
-    small = dict(
+def small_config(layers: int = 2) -> dict:
+    """Config fields shared by the tiny Llama / Qwen2 / Phi-3 / BERT models (MLP 48)."""
+    return dict(
         vocab_size=64,
         hidden_size=32,
         intermediate_size=48,
-        num_hidden_layers=2,
+        num_hidden_layers=layers,
         num_attention_heads=4,
     )
+
+
+def tiny(arch: str) -> torch.nn.Module:
+    torch.manual_seed(0)
+    small = small_config()
     if arch == "llama":
         model = tf.LlamaForCausalLM(tf.LlamaConfig(**small, num_key_value_heads=2))
     elif arch == "qwen2":
@@ -38,9 +44,7 @@ def tiny(arch: str) -> torch.nn.Module:
     elif arch == "phi3":
         model = tf.Phi3ForCausalLM(tf.Phi3Config(**small, num_key_value_heads=4, pad_token_id=0))
     elif arch == "gpt2":
-        model = tf.GPT2LMHeadModel(
-            tf.GPT2Config(vocab_size=64, n_embd=32, n_layer=2, n_head=4, n_positions=32)
-        )
+        model = tiny_gpt2(n_positions=32)
     else:
         config = tf.BertConfig(**small, num_labels=3)
         model = tf.BertForSequenceClassification(config)
@@ -309,13 +313,7 @@ def test_lora_on_a_quantized_base_trains_counts_and_merges_into_dequantized_weig
 
 def test_fused_qkv_with_grouped_query_attention_slices_by_heads(tmp_path):
     torch.manual_seed(0)
-    small = dict(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=1,
-        num_attention_heads=4,
-    )
+    small = small_config(layers=1)
     base = tf.Phi3ForCausalLM(tf.Phi3Config(**small, num_key_value_heads=2, pad_token_id=0)).eval()
     config = st.LoraConfig(
         target_modules=["qkv_proj"],
