@@ -205,7 +205,7 @@ def export_bottleneck(model: nn.Module, adapter_name: str, config: BottleneckCon
 
 def load_bottleneck(model: nn.Module, adapter_name: str, config_json, tensors, metadata):
     """Add a bottleneck adapter read from its files; every stored tensor must find its place."""
-    from slimtune.inject import add_adapter
+    from slimtune.inject import add_adapter, copy_adapter_tensors
 
     names = {f.name for f in fields(BottleneckConfig)}
     config = BottleneckConfig(**{k: v for k, v in config_json.items() if k in names})
@@ -215,21 +215,7 @@ def load_bottleneck(model: nn.Module, adapter_name: str, config_json, tensors, m
         if adapter_name in layer.adapters:
             for key, value in layer.adapters[adapter_name].state_dict().items():
                 expected[f"{PREFIX}{name}.{key}"] = value
-    missing = sorted(set(expected) - set(tensors))
-    unexpected = sorted(set(tensors) - set(expected))
-    if missing or unexpected:
-        raise SlimtuneError(
-            f"bottleneck adapter file does not fit the model: missing {missing[:2]}, "
-            f"unexpected {unexpected[:2]}"
-        )
-    with torch.no_grad():
-        for key, value in expected.items():
-            if value.shape != tensors[key].shape:
-                raise SlimtuneError(
-                    f"{key}: the file holds shape {tuple(tensors[key].shape)}, "
-                    f"the model needs {tuple(value.shape)}"
-                )
-            value.copy_(tensors[key])
+    copy_adapter_tensors(expected, tensors, "bottleneck adapter file")
     return model
 
 

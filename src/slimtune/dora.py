@@ -225,7 +225,7 @@ def load_dora(model: nn.Module, adapter_name: str, config_json, tensors, metadat
     """Read a PEFT DoRA file: its LoRA part as LoRA, then the magnitudes into DoRA layers."""
     from dataclasses import replace
 
-    from slimtune.inject import PEFT_PREFIX, adapter_configs
+    from slimtune.inject import PEFT_PREFIX, adapter_configs, copy_adapter_tensors
     from slimtune.lora_format import load_lora
 
     key = ".lora_magnitude_vector"
@@ -233,18 +233,10 @@ def load_dora(model: nn.Module, adapter_name: str, config_json, tensors, metadat
     rest = {k: v for k, v in tensors.items() if not k.endswith(key)}
     model = load_lora(model, adapter_name, {**config_json, "use_dora": False}, rest, metadata)
     converted = to_dora(model, adapter_name)
-    if sorted(converted) != sorted(magnitudes):
-        missing = sorted(set(converted) ^ set(magnitudes))
-        raise SlimtuneError(f"DoRA file: lora_magnitude_vector missing or extra for {missing[:2]}")
-    with torch.no_grad():
-        for name, value in magnitudes.items():
-            target = model.get_submodule(name).lora_magnitude_vector[adapter_name]
-            if target.shape != value.shape:
-                raise SlimtuneError(
-                    f"{name}: lora_magnitude_vector has shape {tuple(value.shape)} in the file "
-                    f"but the model needs {tuple(target.shape)}"
-                )
-            target.copy_(value)
+    targets = {
+        name: model.get_submodule(name).lora_magnitude_vector[adapter_name] for name in converted
+    }
+    copy_adapter_tensors(targets, magnitudes, "DoRA file (lora_magnitude_vector)")
     config = replace(adapter_configs(model)[adapter_name], use_dora=True)
     model.__dict__["_slimtune_adapters"][adapter_name] = config
     return model

@@ -230,7 +230,7 @@ def export_ia3(model: nn.Module, adapter_name: str, config: IA3Config):
 
 def load_ia3(model: nn.Module, adapter_name: str, config_json, tensors, metadata) -> nn.Module:
     """Add an IA3 adapter from PEFT file contents; every vector must fit its layer."""
-    from slimtune.inject import PEFT_PREFIX, add_adapter, config_from_json
+    from slimtune.inject import PEFT_PREFIX, add_adapter, config_from_json, copy_adapter_tensors
 
     data = {k: sorted(v) if isinstance(v, list) else v for k, v in config_json.items()}
     config = config_from_json(IA3Config, data, known=PEFT_IA3_FIELDS)
@@ -240,17 +240,7 @@ def load_ia3(model: nn.Module, adapter_name: str, config_json, tensors, metadata
         for name, layer in model.named_modules()
         if isinstance(layer, IA3Linear) and adapter_name in layer.ia3_l
     }
-    if set(expected) != set(tensors):
-        odd = sorted(set(expected) ^ set(tensors))
-        raise SlimtuneError(f"IA3 file does not fit the model: missing or extra {odd[:2]}")
-    with torch.no_grad():
-        for key, target in expected.items():
-            if target.shape != tensors[key].shape:
-                raise SlimtuneError(
-                    f"{key}: shape {tuple(tensors[key].shape)} in the file, "
-                    f"the model needs {tuple(target.shape)}"
-                )
-            target.copy_(tensors[key])
+    copy_adapter_tensors(expected, tensors, "IA3 file")
     return model
 
 

@@ -35,6 +35,7 @@ from slimtune.registry import (  # noqa: F401  (re-exported: methods register th
     PEFT_PREFIX,
     AdapterFormat,
     config_from_json,
+    copy_adapter_tensors,
     format_for_config,
     format_for_json,
     lookup_method,

@@ -19,6 +19,7 @@ import warnings
 from collections.abc import Callable
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from slimtune.errors import SlimtuneError
@@ -166,3 +167,31 @@ def config_from_json(
         raise SlimtuneError(
             f"adapter_config.json does not describe a {config_type.__name__}: {exc}"
         ) from exc
+
+
+def copy_adapter_tensors(
+    expected: dict[str, Tensor], tensors: dict[str, Tensor], what: str
+) -> None:
+    """Copy file tensors into the model's adapter tensors, key for key and shape for shape.
+
+    Args:
+        expected: key -> the model's tensor that the file's tensor of that key fills.
+        tensors: key -> tensor read from the file.
+        what: names the file in the error ("IA3 file", …).
+
+    Raises:
+        SlimtuneError: a key missing on either side, or a shape that differs (names both).
+    """
+    missing, extra = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
+    if missing or extra:
+        raise SlimtuneError(
+            f"{what} does not fit the model: missing {missing[:2]}, unexpected {extra[:2]}"
+        )
+    with torch.no_grad():
+        for key, target in expected.items():
+            if target.shape != tensors[key].shape:
+                raise SlimtuneError(
+                    f"{what}: {key} has shape {tuple(tensors[key].shape)} in the file, "
+                    f"the model needs {tuple(target.shape)}"
+                )
+            target.copy_(tensors[key])
