@@ -85,8 +85,8 @@ def _chunks(n: int) -> list[tuple[int, int]]:
     return [(s, min(s + CHUNK, n)) for s in range(0, n, CHUNK)]
 
 
-class PagedAdamW(torch.optim.Optimizer):
-    """AdamW whose fp32 moments live in pinned CPU memory and visit the GPU a chunk at a time."""
+class _ChunkedAdamW(torch.optim.Optimizer):
+    """AdamW's hyperparameters and step loop; subclasses store the moments (`_update`)."""
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0):
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
@@ -98,9 +98,22 @@ class PagedAdamW(torch.optim.Optimizer):
             for p in group["params"]:
                 if p.grad is not None:
                     self._update(p, group)
+        self._after_step()
+        return loss
+
+    def _update(self, p: Tensor, group: dict) -> None:
+        raise NotImplementedError
+
+    def _after_step(self) -> None:
+        """Runs once after every parameter was updated."""
+
+
+class PagedAdamW(_ChunkedAdamW):
+    """AdamW whose fp32 moments live in pinned CPU memory and visit the GPU a chunk at a time."""
+
+    def _after_step(self) -> None:
         if any(p.is_cuda for g in self.param_groups for p in g["params"]):
             torch.cuda.synchronize()  # the pinned buffers must hold the state before reuse
-        return loss
 
     def _update(self, p: Tensor, group: dict) -> None:
         state, n = self.state[p], p.numel()
@@ -120,20 +133,8 @@ class PagedAdamW(torch.optim.Optimizer):
                 state["exp_avg_sq"][s:e].copy_(v, non_blocking=True)
 
 
-class AdamW8bit(torch.optim.Optimizer):
+class AdamW8bit(_ChunkedAdamW):
     """AdamW with m and v stored as blockwise 8-bit dynamic-map codes (fp32 math per chunk)."""
-
-    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0):
-        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
-
-    @torch.no_grad()
-    def step(self, closure=None):
-        loss = closure() if closure is not None else None
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is not None:
-                    self._update(p, group)
-        return loss
 
     def _update(self, p: Tensor, group: dict) -> None:
         state, n = self.state[p], p.numel()
