@@ -23,6 +23,7 @@ test: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check src tests bench
 	$(BIN)/ruff format --check src tests bench
+	$(BIN)/lint-imports
 
 format: $(STAMP)
 	$(BIN)/ruff format src tests bench
@@ -46,7 +47,7 @@ compare: $(STAMP)
 test-llamacpp: $(STAMP)
 	$(BIN)/python -c "import llama_cpp" 2>/dev/null || \
 		CMAKE_ARGS="-DGGML_NATIVE=OFF" $(BIN)/python -m pip install -q llama-cpp-python
-	$(BIN)/python -m pytest -q -ra -m llamacpp tests/test_export.py
+	$(BIN)/python -m pytest -q -ra -m llamacpp tests/export/test_export.py
 
 clean:
 	rm -rf $(VENV) runs build *.egg-info src/*.egg-info

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM
 
-from slimtune.cli import main
+from slimtune.cli.main import main
 from slimtune.models import load_tokenizer
 
 

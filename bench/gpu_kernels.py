@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from triton.testing import do_bench
 
-from slimtune import fast
+from slimtune.kernels import lora as fast
 from slimtune.quant.nf4 import quantize_4bit_state
 from slimtune.quant.triton import dequantize_nf4_triton, dequantize_state_triton
 

@@ -13,7 +13,7 @@ only, every weight trains), options offload (checkpoint inputs to CPU), ligerops
 (liger-kernel RMSNorm/RoPE/SwiGLU), ligerce (liger's fused linear cross-entropy instead of
 slimtune's), liger (both), nockpt (no activation checkpointing), ckpt=F (checkpoint a share
 F of the layers), fastops (slimtune's Triton RMSNorm, SwiGLU and RoPE), optim=adamw|paged|8bit
-(torch AdamW, slimtune.optim.PagedAdamW or AdamW8bit). "vs base" compares with the PEFT run
+(torch AdamW, slimtune.training.optim.PagedAdamW or AdamW8bit). "vs base" compares with the PEFT run
 of the same method, or else with the method's first run.
 PEFT runs as HF Trainer(bf16=True) would: bf16 autocast, gradient checkpointing, and for
 QLoRA bnb Linear4bit NF4 + double quant after prepare_model_for_kbit_training.
@@ -124,8 +124,8 @@ def setup_peft(model: nn.Module, method: str, opts: set[str]):
 
 def setup_slim(model: nn.Module, method: str, opts: set[str]):
     import slimtune as st
-    from slimtune.checkpointing import enable_checkpointing
-    from slimtune.fused_loss import causal_lm_loss
+    from slimtune.kernels.cross_entropy import causal_lm_loss
+    from slimtune.kernels.recompute import enable_checkpointing
 
     model.requires_grad_(method == "full")
     if opts & {"liger", "ligerops"}:
@@ -144,7 +144,7 @@ def setup_slim(model: nn.Module, method: str, opts: set[str]):
             fraction = float(opt[5:])
     enable_checkpointing(model, offload="offload" in opts, fraction=fraction)
     if "fastops" in opts:
-        from slimtune.fast_ops import patch_llama
+        from slimtune.kernels.llama_ops import patch_llama
 
         patch_llama(model)
     if opts & {"liger", "ligerce"}:
@@ -162,15 +162,15 @@ def setup_slim(model: nn.Module, method: str, opts: set[str]):
 
 
 def make_optimizer(name: str, params: list, lr: float) -> torch.optim.Optimizer:
-    """adamw (torch, states in the parameters' dtype), paged or 8bit (slimtune.optim)."""
-    from slimtune.optim import AdamW8bit, PagedAdamW
+    """adamw (torch, states in the parameters' dtype), paged or 8bit (slimtune.training.optim)."""
+    from slimtune.training.optim import AdamW8bit, PagedAdamW
 
     table = {"adamw": torch.optim.AdamW, "paged": PagedAdamW, "8bit": AdamW8bit}
     return table[name](params, lr=lr, weight_decay=0.0)
 
 
 def train(model, loss_fn, batches, lr: float, profile: bool = False, optim: str = "adamw") -> dict:
-    from slimtune.optim import state_bytes
+    from slimtune.training.optim import state_bytes
 
     params = [p for p in model.parameters() if p.requires_grad]
     opt = make_optimizer(optim, params, lr)
@@ -265,7 +265,7 @@ def run_spec(spec: str, args, batches: torch.Tensor) -> dict:
     result["step_s"] = statistics.median(times)
     result["tok_s"] = batches.shape[1] * batches.shape[2] / result["step_s"]
     if impl == "slim":
-        from slimtune.fast_ops import unpatch_rope
+        from slimtune.kernels.llama_ops import unpatch_rope
 
         unpatch_rope()  # transformers' RoPE is module-level: give PEFT runs the original back
     del model, loss_fn

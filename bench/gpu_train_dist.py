@@ -29,7 +29,8 @@ import time
 import torch
 
 import gpu_train as gt
-from slimtune import distributed, fast
+from slimtune.kernels import lora as fast
+from slimtune.training import distributed
 
 FUSED_CALLS = [0]
 

@@ -49,8 +49,8 @@ def slimtune_seconds(rows, max_steps: int) -> float:
     """Clock time of a whole `train()` call of max_steps steps (model setup excluded)."""
     import slimtune as st
     from slimtune.config import TrainConfig
-    from slimtune.data import Dataset, Example
-    from slimtune.train import train
+    from slimtune.training.data import Dataset, Example
+    from slimtune.training.loop import train
 
     model, tokenizer = fresh_model()
     torch.manual_seed(0)

@@ -5,9 +5,9 @@ import math
 
 import torch
 
-from slimtune.cli import main
-from slimtune.data import IGNORE_INDEX, Example, collate, load_dataset
+from slimtune.cli.main import main
 from slimtune.evaluate import evaluate, exact_match, generate, sliding_windows
+from slimtune.training.data import IGNORE_INDEX, Example, collate, load_dataset
 
 
 def test_sliding_windows_score_every_token_once_with_context():

@@ -1,6 +1,6 @@
 """`python -m slimtune …` runs the command line."""
 
-from slimtune.cli import main
+from slimtune.cli.main import main
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -17,7 +17,6 @@ not, with up to max_length - stride tokens of context before them:
 
 from __future__ import annotations
 
-import contextlib
 import math
 from collections.abc import Callable
 from pathlib import Path
@@ -26,11 +25,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from slimtune.data import (
+from slimtune.training.data import (
     IGNORE_INDEX,
     Dataset,
     Example,
-    collate,
     encode,
     end_token_id,
     load_dataset,
@@ -38,7 +36,7 @@ from slimtune.data import (
     truncate_examples,
     truncation_note,
 )
-from slimtune.loss import causal_lm_loss
+from slimtune.training.loss import dataset_loss
 
 
 def sliding_windows(example: Example, max_length: int, stride: int) -> list[Example]:
@@ -56,32 +54,6 @@ def sliding_windows(example: Example, max_length: int, stride: int) -> list[Exam
         if end == len(ids):
             break
     return windows
-
-
-@torch.no_grad()
-def dataset_loss(
-    model: nn.Module,
-    data: Dataset | list[Example],
-    batch_size: int = 8,
-    autocast: torch.dtype | None = None,
-    chunk: int = 1024,
-) -> float:
-    """Mean loss per label token over every example (batched by length, no shuffling)."""
-    examples = data.examples if isinstance(data, Dataset) else data
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    order = sorted(range(len(examples)), key=lambda i: len(examples[i].input_ids))
-    total, count = 0.0, 0
-    for start in range(0, len(order), batch_size):
-        batch = collate([examples[i] for i in order[start : start + batch_size]], pad_id=0)
-        batch = {k: v.to(device) for k, v in batch.items()}
-        ctx = torch.autocast(device.type, dtype=autocast) if autocast else contextlib.nullcontext()
-        with ctx:
-            loss_sum, n = causal_lm_loss(model, batch, chunk)
-        total, count = total + float(loss_sum), count + n
-    model.train(was_training)
-    return total / max(count, 1)
 
 
 def exact_match_pairs(data: Dataset, tokenizer) -> list[tuple[list[int], str]]:

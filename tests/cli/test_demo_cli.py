@@ -3,8 +3,8 @@
 import dataclasses
 import json
 
-from slimtune.cli import main
-from slimtune.commands import demo
+from slimtune.cli import demo
+from slimtune.cli.main import main
 from slimtune.config import LoraConfig
 
 

@@ -16,7 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from slimtune.cli import main
+from slimtune.cli.main import main
 
 ROWS = [{"prompt": f"{w}?", "completion": f" {w[::-1]}!"} for w in
         ["abc", "hello", "cat", "moon", "tree", "slim", "tune", "lamp",

@@ -22,7 +22,7 @@ from export_helpers import (
     logits,
     save_model_dir,
 )
-from slimtune.cli import main
+from slimtune.cli.main import main
 
 READ_BACK = """
 import sys
@@ -108,7 +108,7 @@ def test_gguf_lora_from_the_command_line(tmp_path, adapted):
 def test_gguf_in_gguf_out_keeps_the_layout(tmp_path, monkeypatch, tokenizer):
     from gguf import GGUFReader
 
-    from slimtune.export import export_gguf
+    from slimtune.export.gguf import export_gguf
 
     monkeypatch.setenv("SLIMTUNE_CACHE", str(tmp_path / "cache"))
     source = export_gguf(build_model("qwen2", len(tokenizer)), tokenizer, tmp_path / "in.gguf")

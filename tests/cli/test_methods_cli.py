@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from slimtune.cli import main
+from slimtune.cli.main import main
 
 ROWS = [{"prompt": f"{w}?", "completion": f" {w[::-1]}!"} for w in
         ["abc", "hello", "cat", "moon", "tree", "slim", "tune", "lamp"]]  # fmt: skip

@@ -1,0 +1,97 @@
+"""Writing without losing anything: every file and directory is written under a temporary name
+beside its target and renamed into place, so an interrupted write leaves the old one (or none);
+and an existing output is not replaced unless the user said so."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from slimtune.errors import SlimtuneError
+
+
+def prepare_out_dir(path: str | os.PathLike, overwrite: bool) -> Path:
+    """Refuse an existing non-empty directory unless `overwrite`; return the path."""
+    out = Path(path).expanduser()
+    if out.exists() and not out.is_dir():
+        raise SlimtuneError(f"output {out} exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise SlimtuneError(
+            f"output directory {out} exists and is not empty (use --overwrite / overwrite=True)"
+        )
+    return out
+
+
+def check_free(path: Path, overwrite: bool) -> None:
+    """Refuse an existing file or non-empty directory unless `overwrite`."""
+    taken = path.is_file() or (path.is_dir() and any(path.iterdir()))
+    if taken and not overwrite:
+        raise SlimtuneError(f"{path} already exists; pass --overwrite to replace it")
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+@contextmanager
+def atomic_file(path: Path) -> Iterator[Path]:
+    """Yield a temporary path beside `path`; rename it into place when the block succeeds."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; a plain file is what users expect
+    try:
+        yield Path(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+@contextmanager
+def atomic_dir(path: Path) -> Iterator[Path]:
+    """Yield a temporary directory beside `path`; swap it into place when the block succeeds."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-"))
+    os.chmod(tmp, 0o777 & ~_umask())
+    old = None
+    try:
+        yield tmp
+        if path.exists():
+            old = path.parent / f"{tmp.name}-old"
+            os.replace(path, old)
+        os.replace(tmp, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def write_atomic_dir(out: Path, write: Callable[[Path], Any]) -> None:
+    """Call write(tmp_dir), then move tmp_dir to `out` (replacing it) in one rename."""
+    with atomic_dir(Path(out)) as tmp:
+        write(tmp)
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_file(Path(path)) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
+def write_json(path: Path, obj: Any) -> None:
+    write_text_atomic(path, json.dumps(obj, indent=2) + "\n")
+
+
+def write_yaml(path: Path, obj: dict[str, Any]) -> None:
+    import yaml
+
+    write_text_atomic(path, yaml.safe_dump(obj, sort_keys=False))

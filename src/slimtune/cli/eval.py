@@ -1,0 +1,88 @@
+"""`slimtune eval`: loss, perplexity and exact match of a model (and adapter) on a data set.
+
+slimtune eval --model smollm2-135m --adapter runs/a/adapter --data test.jsonl --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from slimtune.errors import SlimtuneError
+
+
+def load_for_inference(model_spec: str, adapter: str | None, quantize: str | None = None):
+    """(model, tokenizer): the base model, quantized if asked, with the adapter loaded."""
+    from slimtune.models import load_model
+
+    if adapter is not None and not Path(adapter).is_dir():
+        raise SlimtuneError(f"--adapter {adapter} is not a directory (give RUN/adapter)")
+    model, tokenizer = load_model(model_spec)
+    record = {"quant": quantize, "skip": ["lm_head"]} if quantize else trained_quantization(adapter)
+    if record:
+        from slimtune.quant.linear import quantize_model
+
+        settings = {k: record[k] for k in ("blocksize", "double_quant", "threshold") if k in record}
+        quantize_model(model, record["quant"], skip=record.get("skip", ["lm_head"]), **settings)
+    if adapter is not None:
+        from slimtune.adapter_dir import load_adapter
+
+        model = load_adapter(model, adapter)
+    model.eval()
+    return model, tokenizer
+
+
+def trained_quantization(adapter: str | None) -> dict[str, Any] | None:
+    """How the base of a QLoRA adapter was quantized in training (from its file's metadata)."""
+    if adapter is None:
+        return None
+    from slimtune.adapter_dir import read_adapter_metadata
+    from slimtune.quant.linear import METADATA_KEY
+
+    text = read_adapter_metadata(adapter).get(METADATA_KEY)
+    return json.loads(text) if text else None
+
+
+def table(result: dict[str, Any]) -> str:
+    """A small text table of one evaluation."""
+    head = ["data", "rows", "tokens", "loss", "perplexity"]
+    cells = [
+        Path(result["data"]).name,
+        str(result["rows"]),
+        str(result["tokens"]),
+        f"{result['loss']:.4f}",
+        f"{result['perplexity']:.2f}",
+    ]
+    if "exact_match" in result:
+        head.append("exact match")
+        cells.append(f"{100 * result['exact_match']:.1f}%")
+    widths = [max(len(h), len(c)) for h, c in zip(head, cells, strict=True)]
+    line = "  ".join(h.ljust(w) for h, w in zip(head, widths, strict=True)).rstrip()
+    return line + "\n" + "  ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)).rstrip()
+
+
+def run(args: argparse.Namespace) -> int:
+    from slimtune.atomic import write_json
+    from slimtune.cli.train import quiet_transformers
+    from slimtune.evaluate import evaluate, load_for_eval
+    from slimtune.models import load_tokenizer
+
+    max_length = args.max_length or 1024
+    if max_length <= 0 or (args.batch_size is not None and args.batch_size <= 0):
+        raise SlimtuneError("--max-length and --batch-size must be integers > 0")
+    quiet_transformers(args.quiet)
+    data = load_for_eval(Path(args.data), load_tokenizer(args.model), max_length, args.quiet)
+    model, tokenizer = load_for_inference(args.model, args.adapter, args.quantize)
+    result = evaluate(
+        model, tokenizer, data, max_length=max_length, batch_size=args.batch_size or 8
+    )
+    trained = trained_quantization(args.adapter) or {}
+    result.update(
+        model=str(args.model), adapter=args.adapter, quantize=args.quantize or trained.get("quant")
+    )
+    print(table(result))
+    if args.json:
+        write_json(Path(args.json), result)
+    return 0

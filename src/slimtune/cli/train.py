@@ -1,0 +1,162 @@
+"""`slimtune train`: fine-tune a model and write a run directory.
+
+    slimtune train --model smollm2-135m --data train.jsonl --method lora --out runs/a
+    slimtune train --config run.yaml --lr 1e-3          # flags override the file
+    slimtune train --out runs/a --resume                # continue from the last checkpoint
+
+The configuration is resolved in layers: RUN/config.yaml (when resuming), then
+--config FILE, then the flags given. Every check runs before anything is written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from slimtune.config import TrainConfig
+from slimtune.errors import SlimtuneError
+
+RUN_KEYS = ("model", "data", "eval_data", "out", "method", "rank", "alpha", "dropout",
+            "target_modules", "quant", "num_virtual_tokens", "prompt_init",
+            "bottleneck_size")  # fmt: skip
+TRAIN_KEYS = tuple(f.name for f in dataclasses.fields(TrainConfig))
+FLAG_ONLY = ("resume", "overwrite", "quiet", "config", "nproc", "command")
+
+
+def read_yaml(path: Path) -> dict[str, Any]:
+    import yaml
+
+    if not path.is_file():
+        raise SlimtuneError(f"--config {path} does not exist")
+    try:
+        loaded = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = f":{mark.line + 1}" if mark else ""
+        raise SlimtuneError(
+            f"{path}{line}: not valid YAML ({getattr(exc, 'problem', exc)})"
+        ) from None
+    if not isinstance(loaded, dict):
+        raise SlimtuneError(f"{path}: a config file must be a mapping of option: value")
+    check_keys(loaded, path)
+    return loaded
+
+
+# names other tools use for the same options, offered as close matches
+ALIASES = {"learning_rate": "lr", "r": "rank", "lora_r": "rank", "lora_alpha": "alpha",
+           "lora_dropout": "dropout", "gradient_accumulation_steps": "grad_accum",
+           "per_device_train_batch_size": "batch_size", "steps": "max_steps",
+           "warmup": "warmup_steps", "lr_scheduler_type": "schedule", "output_dir": "out",
+           "model_name_or_path": "model", "dataset": "data", "max_seq_length": "max_length"}  # fmt: skip
+
+
+def check_keys(options: dict[str, Any], source: Path) -> None:
+    known = RUN_KEYS + TRAIN_KEYS
+    for key in options:
+        if key not in known:
+            close = difflib.get_close_matches(str(key), [*known, *ALIASES], n=3, cutoff=0.6)
+            close = list(dict.fromkeys(ALIASES.get(name, name) for name in close))
+            hint = (
+                f"did you mean {', '.join(close)}?" if close else f"known keys: {', '.join(known)}"
+            )
+            raise SlimtuneError(f"{source}: unknown key {key!r}; {hint}")
+
+
+def resolve(args: argparse.Namespace) -> tuple[dict[str, Any], TrainConfig]:
+    """(run options, TrainConfig) from RUN/config.yaml, --config and the flags, in that order."""
+    options: dict[str, Any] = {"method": "lora"}
+    flags = {k: v for k, v in vars(args).items() if k not in FLAG_ONLY and v is not None}
+    saved = Path(flags["out"]) / "config.yaml" if args.resume and "out" in flags else None
+    if saved is not None and saved.is_file():
+        options.update(read_yaml(saved))
+    if args.config:
+        options.update(read_yaml(Path(args.config)))
+    options.update(flags)
+    for key in ("model", "data", "out"):
+        if not options.get(key):
+            raise SlimtuneError(f"train needs --{key} (or '{key}:' in the --config file)")
+    try:
+        config = TrainConfig(**{k: options[k] for k in TRAIN_KEYS if k in options})
+    except SlimtuneError as exc:
+        raise SlimtuneError(flag_message(str(exc))) from None
+    except TypeError as exc:
+        raise SlimtuneError(f"bad training option: {exc}") from None
+    run = {k: options.get(k) for k in RUN_KEYS}
+    return run, config
+
+
+def flag_message(message: str) -> str:
+    """'TrainConfig.max_steps=0 is not accepted: …' -> '--max-steps 0 is not accepted: …'."""
+    found = re.match(r"TrainConfig\.(\w+)=(.*?) is not accepted", message)
+    if not found:
+        return message
+    flag, value = found.group(1).replace("_", "-"), found.group(2)
+    return f"--{flag} {value} is not accepted" + message[found.end() :]
+
+
+def quiet_transformers(quiet: bool) -> None:
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+    if quiet:
+        transformers.utils.logging.set_verbosity_error()
+
+
+def run(args: argparse.Namespace) -> int:
+    from slimtune.training import distributed
+
+    if getattr(args, "nproc", None) is not None:  # check here: one line, not one per process
+        from slimtune.training.loop import check_run_dir
+
+        run_options, _ = resolve(args)
+        check_run_dir(run_options["out"], args.resume, args.overwrite)
+        return distributed.launch(args)
+    from slimtune.models import load_model, load_tokenizer
+    from slimtune.training.data import load_dataset
+    from slimtune.training.loop import check_run_dir, train
+    from slimtune.training.setup import prepare_method
+
+    run_options, config = resolve(args)
+    if distributed.init_from_env(config.device) and not distributed.is_main():
+        args.quiet = True  # under torchrun only rank 0 prints
+    out = check_run_dir(run_options["out"], args.resume, args.overwrite)
+    quiet_transformers(args.quiet)
+    tokenizer = load_tokenizer(run_options["model"])
+    data = load_dataset(run_options["data"], tokenizer, config.max_length, quiet=args.quiet)
+    eval_data = None
+    if run_options["eval_data"]:
+        eval_data = load_dataset(run_options["eval_data"], tokenizer, config.max_length, quiet=True)
+    model, tokenizer = load_model(run_options["model"])
+    torch.manual_seed(config.seed)
+    options = {**run_options, "base_model": str(run_options["model"])}
+    model, save_fn = prepare_method(model, run_options["method"], options)
+    summary = train(
+        model, tokenizer, data, config, out, save_fn=save_fn, eval_data=eval_data,
+        resume=args.resume, overwrite=args.overwrite, quiet=args.quiet, run_config=run_options,
+    )  # fmt: skip
+    if not args.quiet:
+        print(report(summary, out))
+    distributed.shutdown()
+    return 0
+
+
+def report(summary: dict[str, Any], out: Path) -> str:
+    lines = [
+        f"trained {summary['trainable_params']:,} of {summary['total_params']:,} parameters "
+        f"({summary['trainable_percent']:.2f}%) for {summary['steps']} steps in "
+        f"{summary['wall_time_s']:.0f} s ({summary['tokens_per_s']:,.0f} tokens/s)",
+        f"loss {summary['first_loss']:.4f} -> {summary['final_loss']:.4f}"
+        + (
+            f", eval loss {summary['eval_loss']:.4f}"
+            if summary.get("eval_loss") is not None
+            else ""
+        ),
+        f"adapter: {out / 'adapter'}   run: {out}",
+    ]
+    return "\n".join(lines)

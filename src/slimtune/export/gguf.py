@@ -1,0 +1,189 @@
+"""Use a fine-tuned model in llama.cpp and Ollama: a GGUF model (+ Modelfile) or a GGUF LoRA.
+
+    adapter + base ──merge──► W = W0 + (alpha/r) B A ──┬─► safetensors directory (transformers, vLLM)
+                                                       └─► model.gguf + Modelfile (llama.cpp, Ollama)
+    adapter alone ─────────────────────────────────────────► adapter.gguf (llama.cpp --lora)
+
+Every file is written under a temporary name and renamed into place, so a failed export leaves
+nothing half-written, and nothing existing is replaced without `overwrite=True`. The GGUF writing
+itself (tensor names, rope permutation, Q8_0, tokenizer metadata) lives in `gguf_file.py`; the
+Ollama Modelfile in `ollama.py`; the merged transformers directory in `merged.py`.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from slimtune.atomic import atomic_file, check_free
+from slimtune.errors import SlimtuneError
+from slimtune.export import gguf_file as gg
+from slimtune.export.ollama import modelfile
+
+
+def _say(line: str) -> None:
+    print(line, file=sys.stderr)
+
+
+def gguf_paths(out: str | os.PathLike, default_name: str) -> Path:
+    """`--out x.gguf` is the file itself; any other `--out` is a directory to put it in."""
+    out = Path(out)
+    return out if out.suffix == ".gguf" else out / default_name
+
+
+def modelfile_path(out: str | os.PathLike) -> Path:
+    """DIR/Modelfile for a directory `--out`; x.Modelfile beside an explicit x.gguf."""
+    out = Path(out)
+    return out.with_suffix(".Modelfile") if out.suffix == ".gguf" else out / "Modelfile"
+
+
+def output_paths(fmt: str, out: str | os.PathLike) -> list[Path]:
+    """Every path an export of format `fmt` to `out` writes (to check before any work)."""
+    if fmt == "safetensors":
+        return [Path(out)]
+    if fmt == "gguf":
+        return [gguf_paths(out, "model.gguf"), modelfile_path(out)]
+    return [gguf_paths(out, "adapter.gguf")]
+
+
+# --- GGUF model ---------------------------------------------------------------------------
+
+
+def write_gguf(
+    model,
+    tokenizer,
+    path: Path,
+    *,
+    dtype: str = "f16",
+    source_gguf: Path | None = None,
+    say: Callable[[str], None] = _say,
+) -> None:
+    """Write `model` (a plain Llama-family transformers model) as one GGUF file at `path`."""
+    from gguf import GGUFWriter
+
+    if dtype not in gg.DTYPES:
+        raise SlimtuneError(f"GGUF dtype {dtype!r} is not one of {', '.join(gg.DTYPES)}")
+    config = model.config
+    arch, _ = gg.gguf_architecture(config)
+    writer = GGUFWriter(path, arch, use_temp_file=True)  # encoded tensors spill to disk, not RAM
+    writer.add_type("model")
+    writer.add_name(Path(getattr(config, "_name_or_path", "") or "model").name or "model")
+    writer.add_file_type(gg.file_type(dtype))
+    writer.add_quantization_version(2)
+    gg.add_hyperparameters(writer, config)
+    n_vocab = model.get_input_embeddings().weight.shape[0]
+    if source_gguf is not None:
+        gg.copy_tokenizer_fields(writer, source_gguf)
+    else:
+        gg.add_tokenizer(writer, tokenizer, n_vocab, say)
+    gg.add_tensors(writer, gg.model_tensors(model.state_dict(), config), dtype, say)
+    _finish(writer)
+
+
+def _finish(writer) -> None:
+    try:
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+    finally:
+        writer.close()
+
+
+def export_gguf(
+    model,
+    tokenizer,
+    out: str | os.PathLike,
+    *,
+    dtype: str = "f16",
+    overwrite: bool = False,
+    source_gguf: str | os.PathLike | None = None,
+    say: Callable[[str], None] = _say,
+) -> Path:
+    """Write `out` (a .gguf path, or a directory for model.gguf) and an Ollama Modelfile beside it
+    (DIR/Modelfile, or x.Modelfile for `out` = x.gguf).
+
+    Args:
+        model: a plain (merged) Llama or Qwen2 transformers model.
+        tokenizer: its tokenizer (byte-level BPE); ignored when `source_gguf` is given.
+        dtype: f32, f16, bf16 or q8_0 for the 2-D weights (1-D norms and biases stay f32).
+        source_gguf: the GGUF the model was loaded from; its tokenizer metadata is copied verbatim.
+        say: where the one-line notes go (a q8_0 fallback, an unknown chat template).
+
+    Returns:
+        The path of the GGUF file.
+    """
+    path = gguf_paths(out, "model.gguf")
+    model_file = modelfile_path(out)
+    for target in (path, model_file):
+        check_free(target, overwrite)
+    with atomic_file(path) as tmp:
+        write_gguf(model, tokenizer, tmp, dtype=dtype, say=say, source_gguf=source_gguf)
+    text = modelfile(f"./{path.name}", *chat_metadata(path), say)
+    with atomic_file(model_file) as tmp:
+        tmp.write_text(text)
+    return path
+
+
+def chat_metadata(path: Path) -> tuple[str | None, str | None]:
+    """(chat template, end-of-sequence token) as a GGUF file states them."""
+    from gguf import GGUFReader
+
+    fields = GGUFReader(path).fields
+    template = fields.get("tokenizer.chat_template")
+    eos_id = fields.get("tokenizer.ggml.eos_token_id")
+    eos = None
+    if eos_id is not None and "tokenizer.ggml.tokens" in fields:
+        eos = fields["tokenizer.ggml.tokens"].contents(int(eos_id.contents()))
+    return (None if template is None else template.contents()), eos
+
+
+# --- GGUF LoRA adapter --------------------------------------------------------------------
+
+
+def read_peft_lora(adapter_dir: str | os.PathLike) -> tuple[dict, dict]:
+    """(adapter_config, tensors) of a PEFT LoRA directory (safetensors only)."""
+    from slimtune.adapter_dir import read_adapter_config, read_adapter_tensors
+
+    adapter_config = read_adapter_config(adapter_dir)
+    kind = "DORA" if adapter_config.get("use_dora") else adapter_config.get("peft_type", "LORA")
+    if kind != "LORA":
+        raise SlimtuneError(f"gguf-lora needs a LoRA adapter; {adapter_dir} holds a {kind} adapter")
+    tensors, _ = read_adapter_tensors(adapter_dir)
+    return adapter_config, tensors
+
+
+def export_gguf_lora(
+    adapter_dir: str | os.PathLike,
+    config,
+    out: str | os.PathLike,
+    *,
+    dtype: str = "f16",
+    overwrite: bool = False,
+    say: Callable[[str], None] = _say,
+) -> Path:
+    """The adapter alone as a llama.cpp LoRA GGUF (`llama-cli -m base.gguf --lora out`).
+
+    Args:
+        adapter_dir: a PEFT LoRA directory (what slimtune and PEFT save).
+        config: the base model's transformers config (architecture, head counts).
+        out: a .gguf path, or a directory for adapter.gguf.
+        dtype: f32, f16, bf16 or q8_0 for the A and B matrices.
+    """
+    from gguf import GGUFWriter
+
+    path = gguf_paths(out, "adapter.gguf")
+    check_free(path, overwrite)
+    adapter_config, tensors = read_peft_lora(adapter_dir)
+    alpha, lora = gg.lora_tensors(tensors, adapter_config, config)
+    arch, _ = gg.gguf_architecture(config)
+    with atomic_file(path) as tmp:
+        writer = GGUFWriter(tmp, arch)
+        writer.add_type("adapter")
+        writer.add_string("adapter.type", "lora")
+        writer.add_float32("adapter.lora.alpha", alpha)
+        writer.add_file_type(gg.file_type(dtype))
+        gg.add_tensors(writer, iter(lora), dtype, say)
+        _finish(writer)
+    return path

@@ -1,0 +1,31 @@
+"""A merged transformers directory: sharded safetensors, config, generation config, tokenizer."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from slimtune.atomic import atomic_dir, check_free
+
+DEFAULT_SHARD_SIZE = "2GB"  # safetensors shards above this size
+
+
+def export_safetensors(
+    model,
+    tokenizer,
+    out: str | os.PathLike,
+    *,
+    overwrite: bool = False,
+    max_shard_size=DEFAULT_SHARD_SIZE,
+) -> Path:
+    """A plain transformers directory: sharded safetensors, config, generation config, tokenizer.
+
+    `model` must already be merged (a plain transformers model); the directory loads with
+    `AutoModelForCausalLM.from_pretrained(out)` with no slimtune installed.
+    """
+    out = Path(out)
+    check_free(out, overwrite)
+    with atomic_dir(out) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True, max_shard_size=max_shard_size)
+        tokenizer.save_pretrained(tmp)
+    return out

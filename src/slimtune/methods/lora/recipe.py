@@ -1,0 +1,37 @@
+"""`--method lora` and `--method qlora`: the LoraConfig the command line's flags describe."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+from slimtune.config import LoraConfig
+from slimtune.methods.options import parse_targets
+from slimtune.methods.table import add_adapter
+
+
+def lora_config(options: dict[str, Any], default_targets: str | None = None) -> LoraConfig:
+    rank = 8 if options.get("rank") is None else options["rank"]
+    alpha = 2 * rank if options.get("alpha") is None else options["alpha"]
+    return LoraConfig(
+        r=rank,
+        lora_alpha=alpha,
+        lora_dropout=options.get("dropout") or 0.0,
+        target_modules=parse_targets(options.get("target_modules")) or default_targets,
+        task_type="CAUSAL_LM",
+    )
+
+
+def prepare_lora(model: nn.Module, options: dict[str, Any]) -> nn.Module:
+    """LoRA on the given modules (PEFT's default for the model type when none are given)."""
+    return add_adapter(model, lora_config(options))
+
+
+def prepare_qlora(model: nn.Module, options: dict[str, Any]) -> nn.Module:
+    """QLoRA: the frozen base quantized (NF4 with double quantization by default; the
+    output layer kept), then LoRA on every linear layer unless told otherwise."""
+    from slimtune.quant.linear import quantize_model
+
+    quantize_model(model, options.get("quant") or "nf4", skip=["lm_head"])
+    return add_adapter(model, lora_config(options, default_targets="all-linear"))

@@ -1,0 +1,2 @@
+"""Training: data, the loop, losses, checkpoints, optimizers, the run log, torchrun/FSDP2, and
+--method setup. Imports models, adapter_dir, methods, adapters, kernels, quant, config, errors."""

@@ -1,0 +1,341 @@
+"""The training loop: AdamW over whatever requires grad, a warmup + decay schedule,
+clipping, gradient accumulation, checkpoints, resume, metrics.
+
+    for step in 1..max_steps:
+        rows  = the next grad_accum micro-batches (length-grouped, order fixed by the seed)
+        loss  = Σ token losses / number of label tokens in the step      (token-weighted)
+        g     = ∇loss, clipped to max_grad_norm;  θ ← AdamW(θ, g, lr(step))
+        lr(step) = lr · step/warmup during warmup, then linear or cosine decay to 0
+
+The loop is method-agnostic: it trains the parameters that require grad and hands
+the model to a `save_fn` at the end (an adapter directory for LoRA, a transformers
+directory for full fine-tuning). The pieces a distributed run replaces (placing the
+model, making batches, checkpoints, logging) are small functions of their own.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import shutil
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from slimtune.atomic import write_json, write_yaml
+from slimtune.config import TrainConfig
+from slimtune.errors import SlimtuneError
+from slimtune.training import distributed
+from slimtune.training.checkpoints import latest_checkpoint
+from slimtune.training.checkpoints_sharded import (
+    keep_global_batch,
+    load_checkpoint,
+    save_checkpoint,
+)
+from slimtune.training.data import IGNORE_INDEX, Dataset, batches_from, load_dataset
+from slimtune.training.loss import causal_lm_loss
+from slimtune.training.runlog import MetricsLog, peak_memory_mb, plot_losses
+
+SaveFn = Callable[[nn.Module, Path], Any]
+LossFn = Callable[[nn.Module, dict[str, torch.Tensor], int], tuple[torch.Tensor, int]]
+
+
+def lr_factor(step: int, config: TrainConfig) -> float:
+    """Multiplier of the peak lr for optimizer step `step` (0-based)."""
+    warmup, total = config.warmup_steps, config.max_steps
+    if step < warmup:
+        return (step + 1) / (warmup + 1)
+    if config.schedule == "constant":
+        return 1.0
+    progress = (step - warmup) / max(1, total - warmup)  # in [0, 1)
+    if config.schedule == "linear":
+        return 1.0 - progress
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def check_run_dir(out_dir: str | Path, resume: bool, overwrite: bool) -> Path:
+    """Refuse an existing non-empty run directory unless resuming or overwriting."""
+    out = Path(out_dir).expanduser()
+    if out.exists() and not out.is_dir():
+        raise SlimtuneError(f"output {out} exists and is not a directory")
+    if resume:
+        latest_checkpoint(out)
+    elif out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise SlimtuneError(
+            f"output directory {out} exists and is not empty: use --resume to continue it "
+            "or --overwrite to replace it"
+        )
+    return out
+
+
+def resolve_device(config: TrainConfig) -> tuple[torch.device, torch.dtype | None]:
+    """(device, autocast dtype or None): fp32 on the CPU, bf16 autocast on a GPU."""
+    name = config.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SlimtuneError(f"device {name!r} was asked for but CUDA is not available")
+    bf16 = config.precision == "bf16" or (config.precision == "auto" and device.type == "cuda")
+    return device, torch.bfloat16 if bf16 else None
+
+
+def place_model(
+    model: nn.Module, device: torch.device, loss_fn: LossFn
+) -> tuple[nn.Module, LossFn]:
+    """Put the model where it trains; under torchrun, shard it with FSDP2 (distributed.py)."""
+    return distributed.place_model(model, device, loss_fn)
+
+
+def make_optimizer(params: list[nn.Parameter], config: TrainConfig) -> torch.optim.AdamW:
+    return torch.optim.AdamW(
+        params,
+        lr=config.lr,
+        betas=(config.adam_beta1, config.adam_beta2),
+        eps=config.adam_eps,
+        weight_decay=config.weight_decay,
+    )
+
+
+def make_batches(data: Dataset, config: TrainConfig, pad_id: int, start: int) -> Iterator[dict]:
+    """Micro-batches from number `start` on (distributed runs shard them here)."""
+    batches = batches_from(
+        data, config.batch_size, config.seed, pad_id, start, config.group_by_length
+    )
+    return distributed.rank_share(batches)
+
+
+def label_count(batch: dict[str, torch.Tensor]) -> int:
+    return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+
+
+def train_step(model, micro_batches, config, device, autocast, loss_fn) -> tuple[float, int, int]:
+    """Forward and backward over the micro-batches of one step; (loss, label tokens, tokens)."""
+    n_labels = max(1, int(distributed.all_sum(sum(label_count(b) for b in micro_batches))))
+    total, tokens = 0.0, 0
+    for i, batch in enumerate(micro_batches):
+        distributed.sync_gradients(model, i == len(micro_batches) - 1)
+        batch = {k: v.to(device) for k, v in batch.items()}
+        ctx = torch.autocast(device.type, dtype=autocast) if autocast else contextlib.nullcontext()
+        with ctx:
+            loss_sum, _ = loss_fn(model, batch, config.loss_chunk)
+        if loss_sum.requires_grad:
+            (loss_sum / n_labels).backward()
+        total += float(loss_sum.detach())
+        tokens += int(batch["attention_mask"].sum())
+    total, tokens = distributed.all_sum(total), int(distributed.all_sum(tokens))
+    return total / n_labels, n_labels, tokens
+
+
+def check_finite(loss: float, step: int, out: Path) -> None:
+    if math.isfinite(loss):
+        return
+    found = sorted((out / "checkpoints").glob("step-*"))
+    kept = f"the last good checkpoint is {found[-1]}" if found else "no checkpoint was written"
+    raise SlimtuneError(
+        f"step {step}: the loss is {loss}; training stopped ({kept}); try a lower --lr"
+    )
+
+
+def progress_bar(config: TrainConfig, start: int, quiet: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(
+        total=config.max_steps, initial=start, disable=quiet, unit="step", dynamic_ncols=True
+    )
+
+
+def prepare_run(out: Path, resume: bool, overwrite: bool) -> None:
+    if overwrite and not resume and out.is_dir():
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+
+
+def start_state(out: Path, model, optimizer, resume: bool, metrics: MetricsLog) -> dict:
+    """The loop's state: fresh, or loaded from the latest checkpoint (metrics cut back to it)."""
+    if not resume:
+        metrics.path.unlink(missing_ok=True)
+        return {"step": 0, "micro_batches": 0, "tokens": 0, "elapsed_s": 0.0}
+    state = load_checkpoint(latest_checkpoint(out), model, optimizer)
+    metrics.truncate_after(state["step"])
+    return state
+
+
+def train(
+    model: nn.Module,
+    tokenizer,
+    data: Dataset | str | Path,
+    config: TrainConfig,
+    out_dir: str | Path,
+    *,
+    save_fn: SaveFn | None = None,
+    eval_data: Dataset | str | Path | None = None,
+    resume: bool = False,
+    overwrite: bool = False,
+    quiet: bool = False,
+    run_config: dict[str, Any] | None = None,
+    loss_fn: LossFn = causal_lm_loss,
+) -> dict[str, Any]:
+    """Train the parameters of `model` that require grad; write the run directory.
+
+    Args:
+        model: a model whose trainable parameters are set (an adapter added, or all of it).
+        tokenizer: its tokenizer (pad and end tokens).
+        data: a Dataset from `load_dataset`, or a data file path.
+        config: the training configuration.
+        out_dir: the run directory (metrics.jsonl, checkpoints/, loss.png, summary.json, …).
+        save_fn: save_fn(model, directory) writes the final weights to RUN/adapter
+            (default: `slimtune.save_adapter`).
+        eval_data: held-out data; its loss is logged every config.eval_every steps and at the end.
+        resume: continue from the latest checkpoint in out_dir.
+        overwrite: replace an existing non-empty out_dir.
+        quiet: no progress bar.
+        run_config: extra settings recorded in RUN/config.yaml (model, data, method …).
+        loss_fn: loss_fn(model, batch, chunk) -> (Σ token losses, label tokens).
+
+    Returns:
+        The summary (also written to RUN/summary.json).
+    """
+    out = check_run_dir(out_dir, resume, overwrite)
+    if not isinstance(data, Dataset):
+        data = load_dataset(data, tokenizer, config.max_length, quiet=quiet)
+    if eval_data is not None and not isinstance(eval_data, Dataset):
+        eval_data = load_dataset(eval_data, tokenizer, config.max_length, quiet=quiet)
+    device, autocast = resolve_device(config)
+    model, loss_fn = place_model(model, device, loss_fn)
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise SlimtuneError("the model has no parameter that requires grad: nothing to train")
+    optimizer = make_optimizer(params, config)
+    config = keep_global_batch(config, out, resume)
+    if distributed.is_main():
+        prepare_run(out, resume, overwrite)
+        write_yaml(out / "config.yaml", {**(run_config or {}), **dataclasses.asdict(config)})
+    metrics = distributed.metrics_log(out / "metrics.jsonl")
+    state = start_state(out, model, optimizer, resume, metrics)
+    run = _Loop(model, tokenizer, data, config, out, device, autocast, loss_fn, eval_data, quiet)
+    state = run.steps(optimizer, params, state, metrics)
+    return finish(run, state, metrics, save_fn or default_save_fn)
+
+
+def default_save_fn(model: nn.Module, directory: Path) -> Any:
+    from slimtune.adapter_dir import save_adapter
+
+    return save_adapter(model, directory, overwrite=True)
+
+
+@dataclasses.dataclass
+class _Loop:
+    """What the step loop needs, held together (one run)."""
+
+    model: nn.Module
+    tokenizer: Any
+    data: Dataset
+    config: TrainConfig
+    out: Path
+    device: torch.device
+    autocast: torch.dtype | None
+    loss_fn: LossFn
+    eval_data: Dataset | None
+    quiet: bool
+
+    def steps(self, optimizer, params, state: dict, metrics: MetricsLog) -> dict:
+        config, model = self.config, self.model
+        pad = self.tokenizer.pad_token_id
+        pad = self.tokenizer.eos_token_id if pad is None else pad
+        batches = make_batches(self.data, config, pad, state["micro_batches"])
+        model.train()
+        bar = progress_bar(config, state["step"], self.quiet or not distributed.is_main())
+        began, elapsed = time.perf_counter(), state.get("elapsed_s", 0.0)
+        window = [0, time.perf_counter()]  # tokens since the last log line, its start time
+        tokens_per_s = 0.0
+        for step in range(state["step"] + 1, config.max_steps + 1):
+            micro = [next(batches) for _ in range(config.grad_accum)]
+            lr = config.lr * lr_factor(step - 1, config)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            loss, _, tokens = train_step(
+                model, micro, config, self.device, self.autocast, self.loss_fn
+            )
+            check_finite(loss, step, self.out)
+            norm = torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm or float("inf"))
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            state = {
+                "step": step,
+                "micro_batches": state["micro_batches"]
+                + config.grad_accum * distributed.world_size(),
+                "tokens": state["tokens"] + tokens,
+                "elapsed_s": elapsed + time.perf_counter() - began,
+            }
+            window[0] += tokens
+            if step % config.log_every == 0 or step == config.max_steps:
+                tokens_per_s = window[0] / max(time.perf_counter() - window[1], 1e-9)
+                record = {"step": step, "loss": loss, "lr": lr, "tokens_per_s": tokens_per_s}
+                metrics.append({**record, "grad_norm": float(norm), "tokens": state["tokens"]})
+                window = [0, time.perf_counter()]
+            bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens_per_s:,.0f}", refresh=False)
+            bar.update(1)
+            if self.eval_data is not None and config.eval_every and step % config.eval_every == 0:
+                metrics.append({"step": step, **self.evaluate()})
+            if config.save_every and step % config.save_every == 0:
+                save_checkpoint(self.out, model, optimizer, state, config.keep_checkpoints)
+        bar.close()
+        return state
+
+    def evaluate(self) -> dict[str, float]:
+        from slimtune.training.loss import dataset_loss
+
+        with distributed.gathered_root(self.model):
+            loss = dataset_loss(self.model, self.eval_data, self.config.batch_size, self.autocast)
+        self.model.train()
+        return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 700.0))}
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    try:
+        from slimtune.adapters.named import trainable_parameters
+    except ImportError:  # the adapter layers are not there yet: count plainly
+        params = list(model.parameters())
+        return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+    return distributed.parameter_counts(model, trainable_parameters(model))
+
+
+def finish(run: _Loop, state: dict, metrics: MetricsLog, save_fn: SaveFn) -> dict[str, Any]:
+    """Write RUN/adapter, loss.png and summary.json; return the summary."""
+    distributed.save_final(save_fn, run.model, run.out / "adapter")
+    records = metrics.records()
+    final_eval = {}
+    if run.eval_data is not None:
+        done = [r for r in records if "eval_loss" in r and r["step"] == state["step"]]
+        final_eval = done[-1] if done else {"step": state["step"], **run.evaluate()}
+        if not done:
+            metrics.append(final_eval)
+            records.append(final_eval)
+    if distributed.is_main():
+        plot_losses(records, run.out / "loss.png")
+    losses = [r["loss"] for r in records if "loss" in r]
+    trainable, total = count_parameters(run.model)
+    summary = {
+        "steps": state["step"],
+        "first_loss": losses[0] if losses else None,
+        "final_loss": losses[-1] if losses else None,
+        "eval_loss": final_eval.get("eval_loss"),
+        "eval_perplexity": final_eval.get("eval_perplexity"),
+        "trainable_params": trainable,
+        "total_params": total,
+        "trainable_percent": 100.0 * trainable / max(total, 1),
+        "train_rows": len(run.data),
+        "rows_truncated": run.data.truncated,
+        "train_tokens": state["tokens"],
+        "tokens_per_s": state["tokens"] / max(state["elapsed_s"], 1e-9),
+        "wall_time_s": state["elapsed_s"],
+        "peak_memory_mb": peak_memory_mb(run.device),
+        "device": str(run.device),
+    }
+    if distributed.is_main():
+        write_json(run.out / "summary.json", summary)
+    return summary

