@@ -1,10 +1,13 @@
-"""Training data: JSONL rows or a .txt file, tokenized with a loss mask, batched by length.
+"""Training data: rows of any supported file, tokenized with a loss mask, batched by length.
 
-Formats (detected from the first row of a JSONL file, then checked on every row):
+Files (readers.py): JSONL, CSV, Parquet, a `datasets.save_to_disk` directory, several of
+them joined with commas, or a .txt file. Row formats (formats.py: Alpaca, ShareGPT, TRL's
+conversational prompt/completion, …) become one of three kinds of row:
 
     {"prompt": P, "completion": C}   ids = tok(P) + tok(C) + [eos]     loss on C + eos
     {"messages": [{"role", "content"}, …]}  the tokenizer's chat template; loss on each
-                                     assistant turn's content and its end token
+                                     assistant turn's content and its end token (turns of
+                                     a conversational prompt learn nothing)
     {"text": T}                      ids = tok(T) + [eos]               loss everywhere
     file.txt                         one token stream packed into max_length chunks
 
@@ -21,7 +24,6 @@ generation prompt, which is exactly what the model sees when it generates.
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -31,14 +33,10 @@ from typing import Any
 import torch
 
 from slimtune.errors import SlimtuneError
+from slimtune.file_checks import decode_utf8
+from slimtune.training.readers import read_source, split_paths
 
 IGNORE_INDEX = -100
-FORMATS = {
-    "prompt_completion": ("prompt", "completion"),
-    "messages": ("messages",),
-    "text": ("text",),
-}
-ACCEPTED = '{"prompt", "completion"}, {"messages": [...]} or {"text"}'
 
 
 @dataclass
@@ -55,9 +53,10 @@ class Dataset:
     """Tokenized examples of one file, with what happened while reading it."""
 
     path: str
-    format: str  # "prompt_completion", "messages", "text" or "txt"
+    format: str  # kind of row: "prompt_completion", "messages", "text", "mixed" or "txt"
     examples: list[Example]
-    rows: list[dict[str, Any]]  # the raw rows (empty for .txt)
+    rows: list[dict[str, Any]]  # the rows as that kind (empty for .txt)
+    source: str = ""  # the file formats read, e.g. "alpaca" or "alpaca,sharegpt"
     truncated: int = 0  # rows cut to max_length
     dropped: int = 0  # rows left without a loss token after the cut
 
@@ -67,76 +66,6 @@ class Dataset:
     @property
     def num_label_tokens(self) -> int:
         return sum(sum(1 for x in ex.labels if x != IGNORE_INDEX) for ex in self.examples)
-
-
-# ---------------------------------------------------------------- reading and checking rows
-
-
-def read_rows(path: str | Path) -> tuple[str, list[tuple[int, dict[str, Any]]]]:
-    """The format and the (line number, row) pairs of a JSONL file; every row is checked."""
-    path = Path(path)
-    if not path.is_file():
-        raise SlimtuneError(f"data file {path} does not exist")
-    rows: list[tuple[int, dict[str, Any]]] = []
-    fmt = None
-    with path.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise SlimtuneError(f"{path}:{number}: not valid JSON ({exc.msg})") from None
-            fmt = fmt or detect_format(row, path, number)
-            check_row(row, fmt, path, number)
-            rows.append((number, row))
-    if not rows:
-        raise SlimtuneError(f"{path} is empty: give one JSON object per line, {ACCEPTED}")
-    return fmt, rows
-
-
-def detect_format(row: Any, path: Path, line: int) -> str:
-    if isinstance(row, dict):
-        for fmt, keys in FORMATS.items():
-            if all(key in row for key in keys):
-                return fmt
-    found = sorted(row) if isinstance(row, dict) else type(row).__name__
-    raise SlimtuneError(f"{path}:{line}: a row has {found}; accepted rows: {ACCEPTED}")
-
-
-def check_row(row: Any, fmt: str, path: Path, line: int) -> None:
-    """The row has its format's fields (strings, or a messages list) and no other format's."""
-    where = f"{path}:{line}"
-    if not isinstance(row, dict):
-        raise SlimtuneError(f"{where}: a row must be a JSON object, not {type(row).__name__}")
-    missing = [key for key in FORMATS[fmt] if key not in row]
-    others = [k for f, keys in FORMATS.items() if f != fmt for k in keys if k in row]
-    others = [key for key in others if key not in FORMATS[fmt]]
-    if missing or others:
-        raise SlimtuneError(
-            f"{where}: fields {sorted(row)} do not match the file's format "
-            f"{{{', '.join(map(repr, FORMATS[fmt]))}}} (set by its first row); one format per file"
-        )
-    if fmt == "messages":
-        check_messages(row["messages"], where)
-        return
-    for key in FORMATS[fmt]:
-        if not isinstance(row[key], str):
-            raise SlimtuneError(f"{where}: field {key!r} must be a string")
-
-
-def check_messages(messages: Any, where: str) -> None:
-    if not isinstance(messages, list) or not messages:
-        raise SlimtuneError(f"{where}: 'messages' must be a non-empty list of {{role, content}}")
-    for turn in messages:
-        if not isinstance(turn, dict) or not isinstance(turn.get("content"), str):
-            raise SlimtuneError(f"{where}: each message needs a string 'content' and a 'role'")
-        if turn.get("role") not in ("system", "user", "assistant", "tool"):
-            raise SlimtuneError(
-                f"{where}: role {turn.get('role')!r} is not one of system, user, assistant, tool"
-            )
-    if not any(turn["role"] == "assistant" for turn in messages):
-        raise SlimtuneError(f"{where}: a messages row needs at least one assistant turn to learn")
 
 
 # ---------------------------------------------------------------- tokenizing
@@ -162,18 +91,20 @@ def tokenize_prompt_completion(tokenizer, prompt: str, completion: str) -> Examp
 def render(tokenizer, messages: list[dict[str, str]], generation_prompt: bool) -> str:
     if not getattr(tokenizer, "chat_template", None):
         raise SlimtuneError(
-            "messages data needs a tokenizer with a chat template; this one has none"
+            "chat data (messages, Alpaca, ShareGPT) needs a chat template and this model's "
+            "tokenizer has none: give --chat-template chatml, llama3 or FILE.jinja"
         )
     return tokenizer.apply_chat_template(
         messages, tokenize=False, add_generation_prompt=generation_prompt
     )
 
 
-def tokenize_messages(tokenizer, messages: list[dict[str, str]]) -> Example:
+def tokenize_messages(tokenizer, messages: list[dict[str, str]], prompt_turns: int = 0) -> Example:
     """The chat template's text, cut around each assistant turn; loss on turns + end token.
 
     For assistant turn i the text before it is render(messages[:i], generation prompt);
     its content follows, then the template's end token (added if the template has none).
+    The first `prompt_turns` turns are context only: their assistant turns learn nothing.
     """
     eos, eos_text = end_token_id(tokenizer), tokenizer.eos_token
     full = render(tokenizer, messages, generation_prompt=False)
@@ -181,7 +112,7 @@ def tokenize_messages(tokenizer, messages: list[dict[str, str]]) -> Example:
     labels: list[int] = []
     done = 0  # characters of `full` already tokenized
     for i, turn in enumerate(messages):
-        if turn["role"] != "assistant":
+        if turn["role"] != "assistant" or i < prompt_turns:
             continue
         prefix = render(tokenizer, messages[:i], generation_prompt=True)
         content = turn["content"].strip()
@@ -203,17 +134,18 @@ def tokenize_text(tokenizer, text: str) -> Example:
     return Example(ids, list(ids))
 
 
-def tokenize_row(tokenizer, row: dict[str, Any], fmt: str) -> Example:
-    if fmt == "prompt_completion":
+def tokenize_row(tokenizer, row: dict[str, Any], kind: str) -> Example:
+    """Tokenize a converted row of `kind` (formats.py turns every format into one of three)."""
+    if kind == "prompt_completion":
         return tokenize_prompt_completion(tokenizer, row["prompt"], row["completion"])
-    if fmt == "messages":
-        return tokenize_messages(tokenizer, row["messages"])
+    if kind == "messages":
+        return tokenize_messages(tokenizer, row["messages"], row.get("prompt_turns", 0))
     return tokenize_text(tokenizer, row["text"])
 
 
 def pack_text_file(tokenizer, path: Path, max_length: int) -> list[Example]:
     """A .txt file as one token stream (+ eos), cut into max_length chunks; loss everywhere."""
-    text = path.read_text(encoding="utf-8")
+    text = decode_utf8(path.read_bytes(), path)
     if not text.strip():
         raise SlimtuneError(f"{path} is empty: give some text to learn from")
     ids = encode(tokenizer, text, special=True) + [end_token_id(tokenizer)]
@@ -224,32 +156,44 @@ def pack_text_file(tokenizer, path: Path, max_length: int) -> list[Example]:
 def load_dataset(
     path: str | Path, tokenizer, max_length: int, *, truncate: bool = True, quiet: bool = False
 ) -> Dataset:
-    """Read, check and tokenize a data file; rows longer than max_length are cut (and counted).
+    """Read, check and tokenize data; rows longer than max_length are cut (and counted).
 
     Args:
-        path: a .jsonl file (any of the three row formats) or a .txt file.
-        tokenizer: a transformers tokenizer with an end token (and a chat template for messages).
+        path: a .jsonl, .csv or .parquet file, a `datasets.save_to_disk` directory, several
+            of them joined with commas ("a.jsonl,b.csv"), or one .txt file.
+        tokenizer: a transformers tokenizer with an end token (and a chat template for chat rows).
         max_length: the most tokens a row keeps; a .txt file is packed into chunks of this size.
         truncate: False keeps full rows (evaluation with a sliding window over long text).
         quiet: no line about truncated rows.
     """
-    path = Path(path)
-    if path.suffix == ".txt":
-        if not path.is_file():
-            raise SlimtuneError(f"data file {path} does not exist")
-        return Dataset(str(path), "txt", pack_text_file(tokenizer, path, max_length), [])
-    fmt, rows = read_rows(path)
-    examples = []
-    for number, row in rows:
-        example = tokenize_row(tokenizer, row, fmt)
-        example.line = number
+    paths = split_paths(path)
+    if any(p.suffix == ".txt" for p in paths):
+        if len(paths) > 1:
+            raise SlimtuneError(f"--data {path}: a .txt file cannot be joined with other files")
+        if not paths[0].is_file():
+            raise SlimtuneError(f"data file {paths[0]} does not exist")
+        return Dataset(str(path), "txt", pack_text_file(tokenizer, paths[0], max_length), [])
+    examples, rows, sources = [], [], {}
+    for record in read_source(path):
+        sources[record.fmt.name] = True
+        row = record.fmt.convert(record.row)
+        example = tokenize_row(tokenizer, row, record.fmt.kind)
+        example.line = record.line
         examples.append(example)
-    data = Dataset(str(path), fmt, examples, [row for _, row in rows])
+        rows.append(row)
+    kinds = {kind_of(row) for row in rows}
+    kind = kinds.pop() if len(kinds) == 1 else "mixed"
+    data = Dataset(str(path), kind, examples, rows, source=",".join(sources))
     if truncate:
         truncate_examples(data, max_length)
         if data.truncated and not quiet:
             print(truncation_note(data, max_length))
     return data
+
+
+def kind_of(row: dict[str, Any]) -> str:
+    """A converted row's kind: "messages", "prompt_completion" or "text"."""
+    return "messages" if "messages" in row else "text" if "text" in row else "prompt_completion"
 
 
 def truncate_examples(data: Dataset, max_length: int) -> None:
