@@ -235,4 +235,3 @@ def _tensor_info(cur: _Cursor) -> tuple[str, list[int], int, int]:
     dims = [cur.unpack("<Q", f"tensor {name!r}") for _ in range(n_dims)]
     kind, offset = cur.unpack("<I", f"tensor {name!r}"), cur.unpack("<Q", f"tensor {name!r}")
     return name, dims, kind, offset
-

@@ -1,11 +1,10 @@
 """The two tracebacks of issue 16, now one-line errors from the command line.
 
-    a JSONL file with one invalid UTF-8 byte   -> slimtune train: error: FILE:LINE: not UTF-8 …
-    a truncated .gguf model                    -> slimtune eval: error: FILE … truncated …
+a JSONL file with one invalid UTF-8 byte   -> slimtune train: error: FILE:LINE: not UTF-8 …
+a truncated .gguf model                    -> slimtune eval: error: FILE … truncated …
 """
 
 from __future__ import annotations
-
 
 import pytest
 
