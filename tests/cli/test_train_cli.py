@@ -130,7 +130,7 @@ CASES = {
     "batch size": (None, ["--batch-size", "-2"], "--batch-size -2 is not accepted"),
     "lr zero": (None, ["--lr", "0"], "--lr 0.0 is not accepted: a number in (0, 1]"),
     "lr big": (None, ["--lr", "3"], "--lr 3.0 is not accepted"),
-    "rank zero": (None, ["--rank", "0"], "LoraConfig.r=0 is not accepted: an integer > 0"),
+    "rank zero": (None, ["--rank", "0"], "--rank 0 is not accepted: an integer > 0"),
     "config key": (None, ["--config", "CONFIG"], "unknown key 'learning_rte'; did you mean lr?"),
     "resume": (None, ["--resume"], "holds no checkpoint to resume from"),
 }

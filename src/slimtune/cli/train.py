@@ -11,9 +11,11 @@ The configuration is resolved in layers: RUN/config.yaml (when resuming), then
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import difflib
 import re
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -68,36 +70,80 @@ def check_keys(options: dict[str, Any], source: Path) -> None:
             raise SlimtuneError(f"{source}: unknown key {key!r}; {hint}")
 
 
+def layers(args: argparse.Namespace) -> list[tuple[str, dict[str, Any]]]:
+    """(source, options) in the order they apply: RUN/config.yaml, --config FILE, the flags.
+
+    A source is a YAML file's path or "flag"; later layers override earlier ones.
+    """
+    flags = {k: v for k, v in vars(args).items() if k not in FLAG_ONLY and v is not None}
+    found: list[tuple[str, dict[str, Any]]] = []
+    saved = Path(flags["out"]) / "config.yaml" if args.resume and "out" in flags else None
+    if saved is not None and saved.is_file():
+        found.append((str(saved), read_yaml(saved)))
+    if args.config:
+        found.append((str(args.config), read_yaml(Path(args.config))))
+    return [*found, ("flag", flags)]
+
+
 def resolve(args: argparse.Namespace) -> tuple[dict[str, Any], TrainConfig]:
     """(run options, TrainConfig) from RUN/config.yaml, --config and the flags, in that order."""
     options: dict[str, Any] = {"method": "lora"}
-    flags = {k: v for k, v in vars(args).items() if k not in FLAG_ONLY and v is not None}
-    saved = Path(flags["out"]) / "config.yaml" if args.resume and "out" in flags else None
-    if saved is not None and saved.is_file():
-        options.update(read_yaml(saved))
-    if args.config:
-        options.update(read_yaml(Path(args.config)))
-    options.update(flags)
+    for _, layer in layers(args):
+        options.update(layer)
     for key in ("model", "data", "out"):
         if not options.get(key):
             raise SlimtuneError(f"train needs --{key} (or '{key}:' in the --config file)")
-    try:
+    with naming_sources(args):
         config = TrainConfig(**{k: options[k] for k in TRAIN_KEYS if k in options})
-    except SlimtuneError as exc:
-        raise SlimtuneError(flag_message(str(exc))) from None
-    except TypeError as exc:
-        raise SlimtuneError(f"bad training option: {exc}") from None
     run = {k: options.get(k) for k in RUN_KEYS}
     return run, config
 
 
-def flag_message(message: str) -> str:
-    """'TrainConfig.max_steps=0 is not accepted: …' -> '--max-steps 0 is not accepted: …'."""
-    found = re.match(r"TrainConfig\.(\w+)=(.*?) is not accepted", message)
+# config fields that a flag of another name sets (slimtune.methods' recipes build them)
+OPTION_OF_FIELD = {"r": "rank", "lora_alpha": "alpha", "lora_dropout": "dropout",
+                   "prompt_tuning_init_text": "prompt_init"}  # fmt: skip
+
+
+@contextlib.contextmanager
+def naming_sources(args: argparse.Namespace) -> Iterator[None]:
+    """Re-raise a config's error ('LoraConfig.r=0 is not accepted: …') naming what the user
+    typed: the flag (`--rank 0 is not accepted: …`) or the YAML file, line and key."""
+    try:
+        yield
+    except SlimtuneError as exc:
+        raise SlimtuneError(source_message(str(exc), layers(args))) from None
+    except TypeError as exc:
+        raise SlimtuneError(f"bad training option: {exc}") from None
+
+
+def source_message(message: str, sources: list[tuple[str, dict[str, Any]]]) -> str:
+    found = re.match(r"(\w+)\.(\w+)=(.*?) is not accepted", message)
     if not found:
         return message
-    flag, value = found.group(1).replace("_", "-"), found.group(2)
-    return f"--{flag} {value} is not accepted" + message[found.end() :]
+    key = OPTION_OF_FIELD.get(found.group(2), found.group(2))
+    rest = " is not accepted" + message[found.end() :]
+    for source, options in reversed(sources):
+        if key not in options:
+            continue
+        if source == "flag":
+            return f"--{key.replace('_', '-')} {found.group(3)}{rest}"
+        line = yaml_line(Path(source), key)
+        return f"{source}{f':{line}' if line else ''}: {key}: {found.group(3)}{rest}"
+    return message
+
+
+def yaml_line(path: Path, key: str) -> int | None:
+    """The 1-based line of a top-level key in a YAML mapping (None when not found)."""
+    import yaml
+
+    try:
+        node = yaml.compose(path.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError):
+        return None
+    for key_node, _ in getattr(node, "value", []) if isinstance(node, yaml.MappingNode) else []:
+        if key_node.value == key:
+            return key_node.start_mark.line + 1
+    return None
 
 
 def quiet_transformers(quiet: bool) -> None:
@@ -135,7 +181,8 @@ def run(args: argparse.Namespace) -> int:
     model, tokenizer = load_model(run_options["model"])
     torch.manual_seed(config.seed)
     options = {**run_options, "base_model": str(run_options["model"])}
-    model, save_fn = prepare_method(model, run_options["method"], options)
+    with naming_sources(args):
+        model, save_fn = prepare_method(model, run_options["method"], options)
     summary = train(
         model, tokenizer, data, config, out, save_fn=save_fn, eval_data=eval_data,
         resume=args.resume, overwrite=args.overwrite, quiet=args.quiet, run_config=run_options,

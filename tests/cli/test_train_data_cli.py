@@ -1,0 +1,52 @@
+"""`slimtune train` with the data formats and trainer flags of issue 17, end to end; errors
+that name the flag or the YAML file, line and key the user typed."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from slimtune.cli.main import main
+
+DOCS = Path(__file__).resolve().parents[2] / "docs" / "data"
+
+
+def train(tiny_llama_dir, data, out, *extra) -> int:
+    argv = ["train", "--model", str(tiny_llama_dir), "--data", str(data), "--out", str(out)]
+    return main([*argv, "--max-steps", "2", "--batch-size", "2", "--save-every", "0", *extra])
+
+
+@pytest.mark.parametrize(
+    ("yaml_text", "flags", "message"),
+    [
+        ("", ["--rank", "0"], "--rank 0 is not accepted: an integer > 0"),
+        ("", ["--alpha", "-1"], "--alpha -1.0 is not accepted: a number > 0"),
+        ("lr: 0.1\nrank: 0\n", [], "c.yaml:2: rank: 0 is not accepted: an integer > 0"),
+        ("max_length: 0\n", [], "c.yaml:1: max_length: 0 is not accepted: an integer > 0"),
+        ("rank: 0\n", ["--rank", "4", "--max-steps", "0"], "--max-steps 0 is not accepted"),
+        ("dropout: 1.5\n", [], "c.yaml:1: dropout: 1.5 is not accepted: a number in [0, 1)"),
+    ],
+)
+def test_errors_name_the_flag_or_the_yaml_key(
+    tiny_llama_dir, tmp_path, capsys, yaml_text, flags, message
+):
+    (tmp_path / "c.yaml").write_text(yaml_text)
+    out = tmp_path / "run"
+    rc = train(
+        tiny_llama_dir, DOCS / "text.jsonl", out, "--config", str(tmp_path / "c.yaml"), *flags
+    )
+    err = capsys.readouterr().err.strip()
+    assert rc == 1 and len(err.splitlines()) == 1, err
+    assert message in err, err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("name", ["alpaca.jsonl", "sharegpt.jsonl"])
+def test_train_on_alpaca_and_sharegpt_files(tiny_llama_dir, tmp_path, capsys, name):
+    out = tmp_path / "run"
+    assert train(tiny_llama_dir, DOCS / name, out, "--quiet") == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 2 and summary["train_rows"] == len(
+        (DOCS / name).read_text().splitlines()
+    )
+    assert (out / "adapter" / "adapter_model.safetensors").is_file()
