@@ -166,6 +166,7 @@ class IA3Config:
 
 SCHEDULES = ("linear", "cosine", "constant")
 PRECISIONS = ("auto", "fp32", "bf16")
+REPORT_TO = ("none", "tensorboard")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -193,6 +194,10 @@ class TrainConfig:
     device: str | None = None  # "cpu", "cuda", "cuda:1"; None: CUDA when there is one
     loss_chunk: int = 1024  # positions per chunk of the output layer in the loss
     group_by_length: bool = True  # batch rows of similar length together (less padding)
+    packing: bool = False  # pack rows into max_length sequences; no attention across rows
+    neftune_alpha: float = 0.0  # NEFTune: noise alpha/sqrt(L*d) on input embeddings (0: off)
+    lora_plus_ratio: float = 0.0  # LoRA+: B matrices train at this x lr (0: off)
+    report_to: Literal["none", "tensorboard"] = "none"  # tensorboard: also RUN/tensorboard/
 
     def __post_init__(self) -> None:
         name = type(self).__name__
@@ -219,3 +224,11 @@ class TrainConfig:
         if float(self.weight_decay) < 0 or float(self.max_grad_norm) < 0:
             key = "weight_decay" if float(self.weight_decay) < 0 else "max_grad_norm"
             raise _fail(name, key, getattr(self, key), "a number >= 0")
+        for key in ("neftune_alpha", "lora_plus_ratio"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+                raise _fail(name, key, value, "a number >= 0 (0: off)")
+        if self.report_to not in REPORT_TO:
+            raise _fail(name, "report_to", self.report_to, "'none' or 'tensorboard'")
+        if not isinstance(self.packing, bool):
+            raise _fail(name, "packing", self.packing, "true or false")

@@ -38,6 +38,7 @@ from slimtune.training.checkpoints_sharded import (
     save_checkpoint,
 )
 from slimtune.training.data import IGNORE_INDEX, Dataset, batches_from, load_dataset
+from slimtune.training.loraplus import param_groups
 from slimtune.training.loss import causal_lm_loss
 from slimtune.training.runlog import MetricsLog, peak_memory_mb, plot_losses
 
@@ -209,7 +210,10 @@ def train(
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise SlimtuneError("the model has no parameter that requires grad: nothing to train")
-    optimizer = make_optimizer(params, config)
+    groups = param_groups(
+        model, params, config.lora_plus_ratio, lr=config.lr, weight_decay=config.weight_decay
+    )  # LoRA+ (loraplus.py) when --lora-plus-ratio is set
+    optimizer = make_optimizer(groups, config)
     config = keep_global_batch(config, out, resume)
     if distributed.is_main():
         prepare_run(out, resume, overwrite)
@@ -256,7 +260,7 @@ class _Loop:
             micro = [next(batches) for _ in range(config.grad_accum)]
             lr = config.lr * lr_factor(step - 1, config)
             for group in optimizer.param_groups:
-                group["lr"] = lr
+                group["lr"] = lr * group.get("lr_scale", 1.0)
             loss, _, tokens = train_step(
                 model, micro, config, self.device, self.autocast, self.loss_fn
             )
