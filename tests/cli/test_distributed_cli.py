@@ -21,8 +21,11 @@ from slimtune.cli.main import main
 ROWS = [{"prompt": f"{w}?", "completion": f" {w[::-1]}!"} for w in
         ["abc", "hello", "cat", "moon", "tree", "slim", "tune", "lamp",
          "a", "bb", "sky", "river", "x", "stone", "owl", "quiet"]]  # fmt: skip
-# 4 steps of 4 micro-batches of 2 rows; a small clip norm so that clipping acts on every step
-SETTINGS = "max_steps: 4\nbatch_size: 2\nlr: 0.02\nwarmup_steps: 1\nmax_grad_norm: 0.05\n"
+# 4 steps of 4 micro-batches of 2 rows; a small clip norm so that clipping acts on every step;
+# alpha 16: the trajectory the tolerances below were set on (2 processes sum in another order)
+SETTINGS = (
+    "max_steps: 4\nbatch_size: 2\nlr: 0.02\nwarmup_steps: 1\nmax_grad_norm: 0.05\nalpha: 16\n"
+)
 
 
 @pytest.fixture(scope="module")

@@ -60,7 +60,7 @@ def test_findings_follow_the_numbers():
 def test_bad_input():
     with pytest.raises(SlimtuneError, match="unknown method 'lorax'; methods: lora, qlora"):
         parse_methods("lora,lorax")
-    with pytest.raises(SlimtuneError, match="--ranks"):
+    with pytest.raises(SlimtuneError, match="--sweep-ranks"):
         parse_ranks("1,0")
     settings = CompareSettings(model="m", data="d", eval_data="e", methods=("lora",), ranks=(8, 4))
     assert [j["label"] for j in jobs(settings)] == ["base", "lora", "lora-r4"]

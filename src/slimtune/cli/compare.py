@@ -1,7 +1,7 @@
 """`slimtune compare`: train several methods the same way and write a report.
 
     slimtune compare --model smollm2-135m --data train.jsonl --eval-data heldout.jsonl \\
-        --methods lora,qlora,dora,ia3,prompt,adapter,full --ranks 1,2,8,64 --out DIR
+        --methods lora,qlora,dora,ia3,prompt,adapter,full --sweep-ranks 1,2,8,64 --out DIR
 
 Without --eval-data, a fifth of the --data rows (chosen with the seed) is held out.
 Writes DIR/report.md, DIR/report.json and DIR/*.png (see slimtune.compare).
@@ -58,9 +58,12 @@ def run(args: argparse.Namespace) -> int:
         data, eval_data = split_rows(data, out, seed)
     given = {"max_steps": args.max_steps, "batch_size": args.batch_size,
              "max_length": args.max_length, "rank": args.rank, "jobs": args.jobs}  # fmt: skip
+    if args.lr is not None and not 0.0 < args.lr <= 1.0:
+        raise SlimtuneError(f"--lr {args.lr} is not accepted: a number in (0, 1]")
+    lr = {} if args.lr is None else dict.fromkeys(methods, args.lr)
     settings = CompareSettings(
         model=str(args.model), data=str(data), eval_data=str(eval_data), methods=methods,
-        ranks=ranks, seed=seed, **{k: v for k, v in given.items() if v is not None},
+        ranks=ranks, seed=seed, lr=lr, **{k: v for k, v in given.items() if v is not None},
     )  # fmt: skip
     report = compare(settings, out, quiet=args.quiet, keep_runs=args.keep_runs)
     if not args.quiet:

@@ -74,13 +74,13 @@ def run(args: argparse.Namespace) -> int:
         raise SlimtuneError("--max-length and --batch-size must be integers > 0")
     quiet_transformers(args.quiet)
     data = load_for_eval(Path(args.data), load_tokenizer(args.model), max_length, args.quiet)
-    model, tokenizer = load_for_inference(args.model, args.adapter, args.quantize)
+    model, tokenizer = load_for_inference(args.model, args.adapter, args.quant)
     result = evaluate(
         model, tokenizer, data, max_length=max_length, batch_size=args.batch_size or 8
     )
     trained = trained_quantization(args.adapter) or {}
     result.update(
-        model=str(args.model), adapter=args.adapter, quantize=args.quantize or trained.get("quant")
+        model=str(args.model), adapter=args.adapter, quantize=args.quant or trained.get("quant")
     )
     print(table(result))
     if args.json:

@@ -3,6 +3,12 @@
 Each command is a thin function that parses flags into library calls. User mistakes
 arrive as SlimtuneError and are printed as one line with a non-zero exit; anything
 else is a bug and keeps its traceback.
+
+The parser: one `_<command>_flags(parser)` function per command, each putting its flags
+into the groups of `_groups` (model, data, method, training, output). Every flag has a
+help line; `--help` shows each default (`_Formatter`: the value, or the words in the help
+text where the default is resolved later, e.g. from --config). One name per concept
+across commands; an old spelling stays as a hidden alias (`_alias`) for a release.
 """
 
 from __future__ import annotations
@@ -17,117 +23,392 @@ from slimtune.methods.table import method_names
 
 METHODS = tuple(method_names())  # the rows of slimtune.methods.table
 QUANTS = ("nf4", "fp4", "int8")
+LORA_ALPHA = 8  # --alpha's default, the same as LoraConfig's and PEFT's lora_alpha
+GROUPS = ("model", "data", "method", "training", "output")
+
+
+class _Formatter(argparse.RawDescriptionHelpFormatter):
+    """Keeps the epilogue's line breaks and appends '(default: X)' where X says something.
+
+    A flag whose default is None (resolved later: from --config, the method, the run)
+    states its default in its help text instead; store_true flags default to off.
+    """
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "%(default)" in text or "default:" in text or not action.option_strings:
+            return text
+        if action.default is False:
+            return text + " (default: off)"
+        if action.default not in (None, argparse.SUPPRESS):
+            return text + " (default: %(default)s)"
+        return text
 
 
 class _Parser(argparse.ArgumentParser):
     """argparse that reports a bad flag as one line (exit 2), like every other error."""
 
+    def __init__(self, **kwargs) -> None:
+        kwargs.setdefault("formatter_class", _Formatter)
+        super().__init__(**kwargs)
+
     def error(self, message: str) -> None:  # type: ignore[override]
-        self.exit(2, f"slimtune {self.prog.split()[-1]}: error: {message}\n")
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+    def parse_args(self, args=None, namespace=None):  # type: ignore[override]
+        argv = sys.argv[1:] if args is None else list(args)
+        if not argv and self.prog == "slimtune":  # bare `slimtune`: the usage, not an error
+            self.print_help(sys.stderr)
+            self.exit(2)
+        args, extra = self.parse_known_args(argv, namespace)
+        if extra:  # named by the command that got them: `slimtune eval: error: …`
+            commands = [a for a in self._actions if isinstance(a, argparse._SubParsersAction)]
+            command = commands[0].choices.get(args.command) if commands else None
+            (command or self).error(f"unrecognized arguments: {' '.join(extra)}")
+        return args
+
+
+def _groups(p: argparse.ArgumentParser, **titles: str) -> dict[str, argparse._ArgumentGroup]:
+    """The argument groups of a command, in --help's order; empty ones are not shown."""
+    titles = {"model": "model (what to load)", "method": "method (what trains)", **titles}
+    return {name: p.add_argument_group(titles.get(name, name)) for name in GROUPS}
+
+
+def _alias(group: argparse._ArgumentGroup, old: str, dest: str, **kwargs) -> None:
+    """An old spelling of a flag, kept working for a release but not shown in --help."""
+    group.add_argument(old, dest=dest, help=argparse.SUPPRESS, default=argparse.SUPPRESS, **kwargs)
+
+
+def _num(g: argparse._ArgumentGroup, flag: str, help: str, kind: type = int, **kwargs) -> None:
+    """A number flag (default None: resolved later, so `help` states the default)."""
+    metavar = "N" if kind is int else "X"
+    g.add_argument(flag, type=kind, default=None, metavar=metavar, help=help, **kwargs)
+
+
+def _model_flag(g: argparse._ArgumentGroup, required: bool = True) -> None:
+    g.add_argument(
+        "--model",
+        required=required,
+        metavar="MODEL",
+        help="transformers directory, .gguf file or built-in name (smollm2-135m)"
+        + ("" if required else "; required unless --config or --resume gives it"),
+    )
+
+
+def _adapter_flag(g: argparse._ArgumentGroup, required: bool = False) -> None:
+    g.add_argument(
+        "--adapter",
+        required=required,
+        default=None,
+        metavar="DIR",
+        help="adapter directory (RUN/adapter of a train run)"
+        + ("" if required else "; default: none, the base model alone"),
+    )
+
+
+def _quant_flag(g: argparse._ArgumentGroup, help: str) -> None:
+    g.add_argument("--quant", choices=QUANTS, default=None, help=help)
+
+
+def _quiet_flag(g: argparse._ArgumentGroup) -> None:
+    g.add_argument("--quiet", action="store_true", help="print only the result (no progress)")
+
+
+def _overwrite_flag(g: argparse._ArgumentGroup, what: str) -> None:
+    g.add_argument("--overwrite", action="store_true", help=f"replace {what} already in --out")
 
 
 def _train_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", help="transformers directory, .gguf file or built-in name")
-    p.add_argument("--data", help="JSONL (prompt/completion, messages, text) or .txt")
-    p.add_argument("--method", choices=METHODS, default=None)
-    p.add_argument("--out", help="run directory")
-    p.add_argument("--max-steps", type=int, default=None)
-    p.add_argument("--batch-size", type=int, default=None)
-    p.add_argument("--max-length", type=int, default=None)
-    p.add_argument("--lr", type=float, default=None)
-    p.add_argument("--rank", type=int, default=None)
-    p.add_argument("--alpha", type=float, default=None)
-    p.add_argument("--target-modules", default=None, help="comma-separated suffixes or all-linear")
-    p.add_argument("--quant", choices=QUANTS, default=None)
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--save-every", type=int, default=None)
-    p.add_argument("--resume", action="store_true")
-    p.add_argument("--overwrite", action="store_true")
-    p.add_argument("--quiet", action="store_true")
-    p.add_argument(
-        "--config", default=None, help="YAML file of training options; flags override it"
+    g = _groups(p)
+    _model_flag(g["model"], required=False)
+    g["model"].add_argument(
+        "--config",
+        default=None,
+        metavar="YAML",
+        help="file of training options (any flag's name: value); flags override it; "
+        "RUN/config.yaml of an earlier run works (default: none)",
     )
-    p.add_argument("--nproc", type=int, default=None, help="start torchrun with N processes")
-    p.add_argument("--eval-data", default=None, help="held-out data, evaluated during training")
-    p.add_argument("--eval-every", type=int, default=None)
-    p.add_argument("--grad-accum", type=int, default=None, help="micro-batches per step")
-    p.add_argument("--warmup-steps", type=int, default=None)
-    p.add_argument("--schedule", choices=("linear", "cosine", "constant"), default=None)
-    p.add_argument("--dropout", type=float, default=None, help="LoRA dropout")
-    p.add_argument("--num-virtual-tokens", type=int, default=None, help="prompt: soft tokens")
-    p.add_argument("--prompt-init", default=None, help="prompt: start from this text's embeddings")
-    p.add_argument("--bottleneck-size", type=int, default=None, help="adapter: bottleneck width")
+    g["data"].add_argument(
+        "--data",
+        metavar="FILE",
+        help="JSONL (prompt/completion, messages or text rows) or .txt; "
+        "required unless --config or --resume gives it",
+    )
+    g["data"].add_argument(
+        "--eval-data",
+        default=None,
+        metavar="FILE",
+        help="held-out data, evaluated at the end (and every --eval-every steps); default: none",
+    )
+    _num(
+        g["data"],
+        "--max-length",
+        "tokens per row; longer rows are cut, .txt is packed to it (default: 512)",
+    )
+    m = g["method"]
+    m.add_argument("--method", choices=METHODS, default=None, help="what trains (default: lora)")
+    _num(m, "--rank", "lora, qlora, dora: rank r (default: 8)")
+    m.add_argument(
+        "--alpha",
+        type=float,
+        default=None,
+        help=f"lora, qlora, dora: scaling = alpha / rank (default: {LORA_ALPHA}, as PEFT)",
+    )
+    _num(m, "--dropout", "lora, qlora, dora: LoRA dropout (default: 0)", float)
+    m.add_argument(
+        "--target-modules",
+        default=None,
+        metavar="NAMES",
+        help="comma-separated module name suffixes, or all-linear (lora, qlora, dora, ia3); "
+        "adapter takes names only (default: PEFT's for the model type; qlora: all-linear)",
+    )
+    _quant_flag(m, "qlora: how the frozen base is quantized (default: nf4)")
+    _num(m, "--num-virtual-tokens", "prompt: soft tokens (default: 20)")
+    m.add_argument(
+        "--prompt-init",
+        default=None,
+        metavar="TEXT",
+        help="prompt: start from this text's embeddings (default: random)",
+    )
+    _num(m, "--bottleneck-size", "adapter: bottleneck width (default: 64)")
+    t = g["training"]
+    _num(t, "--max-steps", "optimizer steps (default: 100)")
+    _num(t, "--batch-size", "rows per micro-batch (default: 4)")
+    _num(t, "--grad-accum", "micro-batches per step (default: 1)")
+    _num(t, "--lr", "peak learning rate (default: 2e-4)", float)
+    _num(t, "--warmup-steps", "linear warmup from 0 (default: 0)")
+    t.add_argument(
+        "--schedule",
+        choices=("linear", "cosine", "constant"),
+        default=None,
+        help="decay after warmup (default: cosine)",
+    )
+    _num(t, "--seed", "data order, init and dropout (default: 0)")
+    _num(t, "--eval-every", "evaluate --eval-data every N steps (default: 0, at the end only)")
+    _num(t, "--nproc", "start torchrun with N processes (default: one process, no torchrun)")
+    o = g["output"]
+    o.add_argument(
+        "--out", metavar="RUN", help="run directory (adapter/, checkpoints, metrics); required"
+    )
+    _num(o, "--save-every", "checkpoint every N steps; 0: only the final adapter (default: 50)")
+    o.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue --out's run from its last checkpoint (its config.yaml, then your flags)",
+    )
+    _overwrite_flag(o, "a run")
+    _quiet_flag(o)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="slimtune", description="Parameter-efficient fine-tuning.")
-    parser.add_argument("--version", action="version", version=f"slimtune {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+def _eval_flags(p: argparse.ArgumentParser) -> None:
+    g = _groups(p)
+    _model_flag(g["model"])
+    _adapter_flag(g["model"])
+    _quant_flag(
+        g["model"],
+        "quantize the base model (default: as the adapter was trained, else unquantized)",
+    )
+    _alias(g["model"], "--quantize", "quant", choices=QUANTS)
+    g["data"].add_argument("--data", required=True, metavar="FILE", help="JSONL or .txt to score")
+    _num(g["data"], "--max-length", "tokens per row (default: 1024)")
+    _num(g["training"], "--batch-size", "rows per forward pass (default: 8)")
+    g["output"].add_argument(
+        "--json", default=None, metavar="FILE", help="also write the results here (default: none)"
+    )
+    _quiet_flag(g["output"])
 
-    _train_flags(sub.add_parser("train", help="fine-tune a model"))
 
-    p = sub.add_parser("eval", help="loss, perplexity and exact match on a data set")
-    p.add_argument("--model", required=True)
-    p.add_argument("--adapter", default=None)
-    p.add_argument("--quantize", choices=QUANTS, default=None)
-    p.add_argument("--data", required=True)
-    p.add_argument("--json", default=None, help="write the results to this JSON file")
-    p.add_argument("--max-length", type=int, default=None)
-    p.add_argument("--batch-size", type=int, default=None)
-    p.add_argument("--quiet", action="store_true")
+def _generate_flags(p: argparse.ArgumentParser) -> None:
+    g = _groups(p, method="generation")
+    _model_flag(g["model"])
+    _adapter_flag(g["model"])
+    g["data"].add_argument("--prompt", required=True, help="the user's message")
+    g["data"].add_argument(
+        "--raw", action="store_true", help="send --prompt as is, without the chat template"
+    )
+    g["method"].add_argument(
+        "--max-new-tokens", type=int, default=128, metavar="N", help="stop after this many tokens"
+    )
+    g["method"].add_argument(
+        "--temperature", type=float, default=0.0, metavar="X", help="0: greedy; above: sampling"
+    )
+    g["method"].add_argument("--seed", type=int, default=0, metavar="N", help="sampling seed")
 
-    p = sub.add_parser("generate", help="generate text, streaming tokens")
-    p.add_argument("--model", required=True)
-    p.add_argument("--adapter", default=None)
-    p.add_argument("--prompt", required=True)
-    p.add_argument("--max-new-tokens", type=int, default=128)
-    p.add_argument("--temperature", type=float, default=0.0)
-    p.add_argument("--raw", action="store_true", help="no chat template")
-    p.add_argument("--seed", type=int, default=0)
 
-    p = sub.add_parser("merge", help="merge an adapter into a plain transformers directory")
-    p.add_argument("--model", required=True)
-    p.add_argument("--adapter", required=True)
-    p.add_argument("--out", required=True)
-    p.add_argument("--into", choices=("trained", "original"), default="trained")
-    p.add_argument("--overwrite", action="store_true")
+def _merge_flags(p: argparse.ArgumentParser) -> None:
+    g = _groups(p)
+    _model_flag(g["model"])
+    _adapter_flag(g["model"], required=True)
+    g["model"].add_argument(
+        "--into",
+        choices=("trained", "original"),
+        default="trained",
+        help="trained: the weights the adapter trained on (a QLoRA base dequantized); "
+        "original: the full-precision --model",
+    )
+    g["output"].add_argument(
+        "--out", required=True, metavar="DIR", help="new transformers directory"
+    )
+    _overwrite_flag(g["output"], "a merged model")
 
-    p = sub.add_parser("export", help="merged safetensors, GGUF or GGUF LoRA files")
-    p.add_argument("--model", required=True)
-    p.add_argument("--adapter", default=None)
-    p.add_argument("--format", choices=("safetensors", "gguf", "gguf-lora"), required=True)
-    p.add_argument("--out", required=True)
-    p.add_argument(
+
+def _export_flags(p: argparse.ArgumentParser) -> None:
+    g = _groups(p)
+    _model_flag(g["model"])
+    _adapter_flag(g["model"])
+    o = g["output"]
+    o.add_argument(
+        "--format",
+        choices=("safetensors", "gguf", "gguf-lora"),
+        required=True,
+        help="safetensors: a merged transformers directory; gguf: one merged file for "
+        "llama.cpp/Ollama; gguf-lora: the adapter alone for llama.cpp's --lora",
+    )
+    o.add_argument("--out", required=True, metavar="PATH", help="file or directory to write")
+    o.add_argument(
         "--dtype",
         choices=("f32", "f16", "bf16", "q8_0"),
         default=None,
-        help="GGUF: f16 by default; safetensors: the source's dtype by default",
+        help="weight type (default: f16 for GGUF, the source's dtype for safetensors)",
     )
-    p.add_argument("--overwrite", action="store_true")
+    _overwrite_flag(o, "an export")
 
-    p = sub.add_parser("compare", help="train several methods side by side and write a report")
-    p.add_argument("--model", required=True)
-    p.add_argument("--data", required=True)
-    p.add_argument("--methods", default="lora,qlora,dora,ia3,prompt,adapter,full")
-    p.add_argument("--eval-data", default=None, help="held-out data (default: a fifth of --data)")
-    p.add_argument("--out", required=True)
-    p.add_argument("--ranks", default=None, help="comma-separated LoRA ranks to sweep")
-    p.add_argument("--rank", type=int, default=None, help="rank of lora, qlora and dora (8)")
-    p.add_argument("--max-steps", type=int, default=None)
-    p.add_argument("--batch-size", type=int, default=None)
-    p.add_argument("--max-length", type=int, default=None)
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--keep-runs", action="store_true", help="keep DIR/runs/ (adapters, metrics)")
-    p.add_argument("--jobs", type=int, default=None, help="training runs at a time (1)")
-    p.add_argument("--overwrite", action="store_true")
-    p.add_argument("--quiet", action="store_true")
 
-    p = sub.add_parser("inspect", help="what an adapter directory holds")
-    p.add_argument("path")
+def _compare_flags(p: argparse.ArgumentParser) -> None:
+    g = _groups(p)
+    _model_flag(g["model"])
+    d = g["data"]
+    d.add_argument("--data", required=True, metavar="FILE", help="training data (JSONL)")
+    d.add_argument(
+        "--eval-data",
+        default=None,
+        metavar="FILE",
+        help="held-out data (default: a fifth of --data's rows, chosen with --seed)",
+    )
+    _num(d, "--max-length", "tokens per row (default: 256)")
+    m = g["method"]
+    m.add_argument(
+        "--methods",
+        default=",".join(METHODS),
+        help="comma-separated methods to train (the base model is always scored)",
+    )
+    _num(m, "--rank", "rank of lora, qlora and dora (default: 8)")
+    m.add_argument(
+        "--sweep-ranks",
+        dest="ranks",
+        default=None,
+        metavar="R,R,…",
+        help="also train lora at each of these ranks, e.g. 1,2,8,64 (default: none)",
+    )
+    _alias(m, "--ranks", "ranks")
+    t = g["training"]
+    _num(t, "--max-steps", "optimizer steps per method (default: 40)")
+    _num(t, "--batch-size", "rows per step (default: 8)")
+    _num(
+        t,
+        "--lr",
+        "peak learning rate of every method (default: each method's own: "
+        "1e-3 lora/qlora/dora/adapter, 3e-2 ia3/prompt, 1e-4 full)",
+        float,
+    )
+    _num(t, "--seed", "data split, order, init (default: 0)")
+    _num(t, "--jobs", "training runs at a time (default: 1)")
+    o = g["output"]
+    o.add_argument(
+        "--out", required=True, metavar="DIR", help="report.md, report.json and charts go here"
+    )
+    o.add_argument("--keep-runs", action="store_true", help="keep DIR/runs/ (adapters, metrics)")
+    _overwrite_flag(o, "a report")
+    _quiet_flag(o)
 
-    p = sub.add_parser("demo", help="fine-tune the built-in model on the bundled data set")
-    p.add_argument("--out", default="runs/demo")
-    p.add_argument("--quiet", action="store_true")
+
+def _inspect_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("path", help="adapter directory (RUN/adapter) or merged model directory")
+
+
+def _demo_flags(p: argparse.ArgumentParser) -> None:
+    o = p.add_argument_group("output")
+    o.add_argument("--out", default="runs/demo", metavar="RUN", help="run directory")
+    _overwrite_flag(o, "a run")
+    _quiet_flag(o)
+
+
+# command: (flags, one-line help, example epilogue)
+COMMANDS: dict[str, tuple[Callable[[argparse.ArgumentParser], None], str, str]] = {
+    "train": (
+        _train_flags,
+        "fine-tune a model",
+        "  slimtune train --model smollm2-135m --data train.jsonl --method lora --out runs/a\n"
+        "  slimtune train --config runs/a/config.yaml --lr 1e-3 --out runs/b\n"
+        "  slimtune train --out runs/a --resume --max-steps 200",
+    ),
+    "eval": (
+        _eval_flags,
+        "loss, perplexity and exact match on a data set",
+        "  slimtune eval --model smollm2-135m --adapter runs/a/adapter --data test.jsonl\n"
+        "  slimtune eval --model smollm2-135m --data test.jsonl --json base.json",
+    ),
+    "generate": (
+        _generate_flags,
+        "generate text, streaming tokens",
+        '  slimtune generate --model smollm2-135m --adapter runs/a/adapter --prompt "Hi"',
+    ),
+    "merge": (
+        _merge_flags,
+        "merge an adapter into a plain transformers directory",
+        "  slimtune merge --model smollm2-135m --adapter runs/a/adapter --out merged/",
+    ),
+    "export": (
+        _export_flags,
+        "merged safetensors, GGUF or GGUF LoRA files",
+        "  slimtune export --model smollm2-135m --adapter runs/a/adapter --format gguf "
+        "--out a.gguf\n"
+        "  slimtune export --model smollm2-135m --adapter runs/a/adapter --format gguf-lora "
+        "--out a-lora.gguf",
+    ),
+    "compare": (
+        _compare_flags,
+        "train several methods side by side and write a report",
+        "  slimtune compare --model smollm2-135m --data train.jsonl --methods lora,ia3,full "
+        "--out cmp/\n"
+        "  slimtune compare --model smollm2-135m --data train.jsonl --methods lora "
+        "--sweep-ranks 1,8,64 --out sweep/",
+    ),
+    "inspect": (
+        _inspect_flags,
+        "what an adapter directory holds",
+        "  slimtune inspect runs/a/adapter",
+    ),
+    "demo": (
+        _demo_flags,
+        "fine-tune the built-in model on the bundled data set",
+        "  slimtune demo\n  slimtune demo --out runs/demo2 --quiet",
+    ),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="slimtune",
+        description="Parameter-efficient fine-tuning.",
+        epilog="`slimtune COMMAND --help` lists a command's options.\n\nexamples:\n"
+        + COMMANDS["demo"][2]
+        + "\n"
+        + COMMANDS["train"][2].splitlines()[0],
+    )
+    parser.add_argument("--version", action="version", version=f"slimtune {__version__}")
+    sub = parser.add_subparsers(
+        dest="command", required=True, metavar="COMMAND", parser_class=_Parser
+    )
+    for name, (add_flags, summary, examples) in COMMANDS.items():
+        add_flags(
+            sub.add_parser(
+                name,
+                help=summary,
+                description=summary[0].upper() + summary[1:] + ".",
+                epilog="examples:\n" + examples,
+            )
+        )
     return parser
 
 

@@ -77,7 +77,9 @@ def parse_ranks(text: str | None) -> tuple[int, ...]:
     except ValueError:
         ranks = (0,)
     if not ranks or any(r <= 0 for r in ranks):
-        raise SlimtuneError(f"--ranks {text!r}: give comma-separated integers > 0, e.g. 1,2,8,64")
+        raise SlimtuneError(
+            f"--sweep-ranks {text!r}: give comma-separated integers > 0, e.g. 1,2,8,64"
+        )
     return ranks
 
 
@@ -221,6 +223,7 @@ def run_job(job: dict[str, Any], settings: CompareSettings, out: Path) -> dict[s
         options = {"model": settings.model, "base_model": settings.model, "rank": job["rank"]}
         if method in ("lora", "qlora", "dora"):  # the same layers for all three (QLoRA's choice)
             options["target_modules"] = "all-linear"
+            options["alpha"] = 2 * job["rank"]  # scaling 2 at every rank of the sweep
         model, save_fn = prepare_method(model, method, options)
         release_freed_memory()
         lr = settings.lr.get(method, DEFAULT_LR[method])

@@ -12,11 +12,10 @@ from slimtune.methods.table import add_adapter
 
 
 def lora_config(options: dict[str, Any], default_targets: str | None = None) -> LoraConfig:
-    rank = 8 if options.get("rank") is None else options["rank"]
-    alpha = 2 * rank if options.get("alpha") is None else options["alpha"]
+    """--rank and --alpha default to LoraConfig's (and PEFT's) r=8, lora_alpha=8."""
+    given = {"r": options.get("rank"), "lora_alpha": options.get("alpha")}
     return LoraConfig(
-        r=rank,
-        lora_alpha=alpha,
+        **{k: v for k, v in given.items() if v is not None},
         lora_dropout=options.get("dropout") or 0.0,
         target_modules=parse_targets(options.get("target_modules")) or default_targets,
         task_type="CAUSAL_LM",
@@ -31,7 +30,8 @@ def prepare_lora(model: nn.Module, options: dict[str, Any]) -> nn.Module:
 def prepare_qlora(model: nn.Module, options: dict[str, Any]) -> nn.Module:
     """QLoRA: the frozen base quantized (NF4 with double quantization by default; the
     output layer kept), then LoRA on every linear layer unless told otherwise."""
-    from slimtune.quant.linear import quantize_model
+    from slimtune.quant.linear import quantization_of, quantize_model
 
-    quantize_model(model, options.get("quant") or "nf4", skip=["lm_head"])
+    if quantization_of(model) is None:  # not already quantized while loading (models.py)
+        quantize_model(model, options.get("quant") or "nf4", skip=["lm_head"])
     return add_adapter(model, lora_config(options, default_targets="all-linear"))
