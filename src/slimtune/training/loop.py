@@ -40,6 +40,7 @@ from slimtune.training.checkpoints_sharded import (
 from slimtune.training.data import IGNORE_INDEX, Dataset, batches_from, load_dataset
 from slimtune.training.loraplus import param_groups
 from slimtune.training.loss import causal_lm_loss
+from slimtune.training.neftune import neftune
 from slimtune.training.runlog import MetricsLog, peak_memory_mb, plot_losses
 
 SaveFn = Callable[[nn.Module, Path], Any]
@@ -221,7 +222,8 @@ def train(
     metrics = distributed.metrics_log(out / "metrics.jsonl")
     state = start_state(out, model, optimizer, resume, metrics)
     run = _Loop(model, tokenizer, data, config, out, device, autocast, loss_fn, eval_data, quiet)
-    state = run.steps(optimizer, params, state, metrics)
+    with neftune(model, config.neftune_alpha):  # noise in training only (neftune.py)
+        state = run.steps(optimizer, params, state, metrics)
     return finish(run, state, metrics, save_fn or default_save_fn)
 
 
