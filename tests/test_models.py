@@ -56,3 +56,123 @@ def test_unloadable_directory_is_one_line(tmp_path):
     (tmp_path / "model.safetensors").write_bytes(b"garbage")
     with pytest.raises(SlimtuneError, match="cannot load"):
         load_model(tmp_path)
+
+
+# ------------------------------------------------------------------ streamed loading
+
+
+def _sharded_copy(source, target, dtype=torch.float32):
+    """A copy of `source` saved by transformers in several shards (an index file)."""
+    import shutil
+
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
+    model.save_pretrained(target, max_shard_size="30KB")
+    for path in source.iterdir():
+        if "token" in path.name:
+            shutil.copy(path, target)
+    return target
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("tied", [True, False])
+def test_streamed_sharded_directory_equals_from_pretrained(
+    make_tiny_llama_dir, tmp_path, dtype, tied
+):
+    from transformers import AutoModelForCausalLM
+
+    from slimtune.models import streamed_model
+
+    source = make_tiny_llama_dir(tie_word_embeddings=tied)
+    sharded = _sharded_copy(source, tmp_path / "sharded")
+    assert len(list(sharded.glob("*.safetensors"))) > 1
+    reference = AutoModelForCausalLM.from_pretrained(sharded, dtype=dtype)
+    streamed = streamed_model(sharded, dtype, torch.device("cpu"))
+    want, got = reference.state_dict(), streamed.state_dict()
+    assert want.keys() == got.keys()
+    for key in want:
+        assert got[key].dtype == want[key].dtype and torch.equal(got[key], want[key]), key
+    assert not any(p.is_meta for p in streamed.parameters())
+    assert (streamed.lm_head.weight is streamed.model.embed_tokens.weight) == tied
+    ids = torch.randint(0, 90, (2, 7))
+    assert torch.equal(reference(ids).logits, streamed.eval()(ids).logits)
+
+
+@pytest.mark.parametrize("quant", ["nf4", "int8"])
+def test_streamed_quantization_is_byte_identical_to_quantize_model(
+    make_tiny_llama_dir, tmp_path, quant
+):
+    from transformers import AutoModelForCausalLM
+
+    import slimtune as st
+    from slimtune.quant.linear import quantization_of
+
+    source = make_tiny_llama_dir(tie_word_embeddings=False)
+    sharded = _sharded_copy(source, tmp_path / "sharded")
+    full = AutoModelForCausalLM.from_pretrained(sharded, dtype=torch.float32)
+    reference = st.quantize_model(full, quant, skip=["lm_head"])
+    streamed, _ = load_model(sharded, quantize=quant)
+    want, got = reference.state_dict(), streamed.state_dict()
+    assert want.keys() == got.keys()
+    for key in want:
+        assert got[key].dtype == want[key].dtype and torch.equal(got[key], want[key]), key
+    assert quantization_of(streamed) == quantization_of(reference)
+
+
+def test_bnb_4bit_directory_streams_its_bytes_unchanged(tmp_path, make_tiny_llama_dir):
+    """A transformers + bitsandbytes NF4 directory loads as it is, without bitsandbytes."""
+    pytest.importorskip("bitsandbytes")
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    from slimtune.quant.linear import QuantLinear
+
+    source = make_tiny_llama_dir(hidden_size=64, intermediate_size=160)
+    config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.float32)  # fmt: skip
+    quantized = AutoModelForCausalLM.from_pretrained(
+        source, quantization_config=config, device_map="cpu", dtype=torch.float32
+    )
+    target = tmp_path / "bnb4"
+    quantized.save_pretrained(target)
+    for path in source.iterdir():
+        if "token" in path.name:
+            (target / path.name).write_bytes(path.read_bytes())
+    stored = load_file(target / "model.safetensors")
+    model, _ = load_model(target)
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
+    assert len(layers) == 14
+    for name, layer in layers.items():
+        state = layer.quant_state
+        assert torch.equal(state.codes, stored[f"{name}.weight"].reshape(-1))
+        assert torch.equal(state.absmax, stored[f"{name}.weight.absmax"])
+        assert torch.equal(state.absmax2, stored[f"{name}.weight.nested_absmax"])
+        assert torch.equal(
+            layer.dequantize_weight(torch.float32), _bnb_dequantized(quantized, name)
+        )
+
+
+def _bnb_dequantized(model, name: str) -> torch.Tensor:
+    """bitsandbytes' own pure-torch dequantization of a Linear4bit's weight."""
+    import bitsandbytes.functional as bnbf
+    from bitsandbytes.backends.default import ops
+
+    state = model.get_submodule(name).weight.quant_state
+    absmax = bnbf.dequantize_blockwise(state.absmax, state.state2) + state.offset
+    weight = model.get_submodule(name).weight.data.reshape(-1)
+    compute = ops._dequantize_4bit_compute.__wrapped__
+    return compute(weight, absmax, state.code, state.blocksize, state.shape, state.dtype)
+
+
+def test_names_that_do_not_line_up_fall_back_to_from_pretrained(make_tiny_llama_dir):
+    """A checkpoint whose names transformers would rename is not streamed (None: load plainly)."""
+    from safetensors.torch import load_file, save_file
+
+    from slimtune.models import streamed_model
+
+    source = make_tiny_llama_dir(tie_word_embeddings=False)
+    tensors = load_file(source / "model.safetensors")
+    tensors["model.final_norm.weight"] = tensors.pop("model.norm.weight")
+    save_file(tensors, source / "model.safetensors", metadata={"format": "pt"})
+    assert streamed_model(source, torch.float32, torch.device("cpu")) is None

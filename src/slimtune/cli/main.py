@@ -131,7 +131,8 @@ def _train_flags(p: argparse.ArgumentParser) -> None:
     g["data"].add_argument(
         "--data",
         metavar="FILE",
-        help="JSONL (prompt/completion, messages or text rows) or .txt; "
+        help="JSONL, CSV, Parquet or a datasets.save_to_disk directory (prompt/completion, "
+        "messages, Alpaca, ShareGPT or text rows; a,b joins files) or .txt; "
         "required unless --config or --resume gives it",
     )
     g["data"].add_argument(
@@ -186,6 +187,8 @@ def _train_flags(p: argparse.ArgumentParser) -> None:
     _num(t, "--seed", "data order, init and dropout (default: 0)")
     _num(t, "--eval-every", "evaluate --eval-data every N steps (default: 0, at the end only)")
     _num(t, "--nproc", "start torchrun with N processes (default: one process, no torchrun)")
+    _num(t, "--neftune-alpha", "NEFTune noise on input embeddings in training (default: 0, off)", float)
+    _num(t, "--lora-plus-ratio", "LoRA+: B matrices train at this x --lr; 16 in the paper (default: 0, off)", float)
     o = g["output"]
     o.add_argument(
         "--out", metavar="RUN", help="run directory (adapter/, checkpoints, metrics); required"

@@ -20,6 +20,16 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
+_PROBE: list[tuple[int, int]] | None = None  # (bytes kept by one layer's forward, tokens)
+
+
+def probe_activations(record: list[tuple[int, int]] | None) -> None:
+    """Start (a list) or stop (None) recording, for each layer recomputed on a GPU, how many
+    bytes its forward keeps for backward and for how many tokens: what that layer would hold
+    through the whole step if it were not recomputed (training/memory.py plans with it)."""
+    global _PROBE
+    _PROBE = record
+
 
 def _rng_state(device: torch.device) -> tuple[Tensor, Tensor | None]:
     cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
@@ -58,7 +68,12 @@ class _Checkpoint(torch.autograd.Function):
             torch.set_rng_state(cpu_state)
             if cuda_state is not None:
                 torch.cuda.set_rng_state(cuda_state, ctx.device)
+            probe = _PROBE is not None and hidden.is_cuda
+            before = torch.cuda.memory_allocated(ctx.device) if probe else 0
             out = ctx.run(hidden)
+            if probe:
+                used = torch.cuda.memory_allocated(ctx.device) - before
+                _PROBE.append((used, hidden.shape[:-1].numel()))
         torch.autograd.backward(out, grad)
         return None, None, hidden.grad, None
 

@@ -176,6 +176,35 @@ def _skipped(name: str, skip: Iterable[str]) -> bool:
     return False
 
 
+def quantizable_linears(model: nn.Module, skip: Iterable[str] = ("lm_head",)) -> list[str]:
+    """Names of the nn.Linear modules of `model` that `quantize_model` replaces."""
+    skip = list(skip)
+    return [
+        name
+        for name, module in model.named_modules()
+        if type(module) is nn.Linear and not _skipped(name, skip)
+    ]
+
+
+def record_quantization(
+    model: nn.Module, settings: dict, dtypes: set[torch.dtype], modules: int
+) -> None:
+    """Note on `model` what was quantized (read back by `quantization_of`).
+
+    `settings` holds quant, blocksize, double_quant, threshold and skip; `dtypes` the dtypes
+    of the weights that were quantized (one dtype is recorded, float32 when mixed).
+    """
+    quant, skip = settings["quant"], list(settings["skip"])
+    if quant == "int8":
+        record = {"quant": quant, "threshold": settings["threshold"], "skip": skip}
+    else:
+        keys = ("blocksize", "double_quant")
+        record = {"quant": quant, **{k: settings[k] for k in keys}, "skip": skip}
+    dtype = next(iter(dtypes)) if len(dtypes) == 1 else torch.float32
+    record["dtype"] = str(dtype).removeprefix("torch.")
+    setattr(model, ATTRIBUTE, record | {"modules": modules})
+
+
 def quantize_model(
     model: nn.Module,
     quant: str = "nf4",
@@ -199,11 +228,7 @@ def quantize_model(
     """
     check_quant_args(quant, blocksize)
     skip = list(skip)
-    names = [
-        name
-        for name, module in model.named_modules()
-        if type(module) is nn.Linear and not _skipped(name, skip)
-    ]
+    names = quantizable_linears(model, skip)
     dtypes = set()
     for name in names:
         parent_name, _, child = name.rpartition(".")
@@ -212,13 +237,10 @@ def quantize_model(
         dtypes.add(linear.weight.dtype)
         state = quantize(linear.weight.data, quant, blocksize, double_quant, threshold)
         setattr(parent, child, QuantLinear(state, linear.bias))
-    record = {"quant": quant, "blocksize": blocksize, "double_quant": double_quant, "skip": skip}
-    if quant == "int8":
-        record = {"quant": quant, "threshold": threshold, "skip": skip}
-    record["dtype"] = str(dtypes.pop() if len(dtypes) == 1 else torch.float32).removeprefix(
-        "torch."
+    settings = dict(
+        quant=quant, blocksize=blocksize, double_quant=double_quant, threshold=threshold, skip=skip
     )
-    setattr(model, ATTRIBUTE, record | {"modules": len(names)})
+    record_quantization(model, settings, dtypes, len(names))
     return model
 
 

@@ -1,0 +1,150 @@
+"""training/memory.py: the recomputation plan (by hand), CPU runs unchanged, summary.json."""
+
+import json
+import random
+
+import pytest
+import torch
+
+import slimtune as st
+from slimtune.config import TrainConfig
+from slimtune.errors import SlimtuneError
+from slimtune.models import load_model
+from slimtune.training.loop import train
+from slimtune.training.memory import GiB, Measurements, choose_recomputation, plan_memory
+
+
+def _rows_file(tmp_path, n=32):
+    rng = random.Random(0)
+    rows = [
+        {"prompt": f"{rng.randint(0, 9)}+{rng.randint(0, 9)}=", "completion": "7"} for _ in range(n)
+    ]
+    path = tmp_path / "d.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_auto_keeps_as_many_layers_as_the_budget_holds():
+    # step 1 (all 32 layers recomputed): 10 GiB before, 20 GiB peak, 11 GiB after (with AdamW state);
+    # one recomputed layer kept 1 GiB for 8192 tokens; the data's largest batch is 8192 tokens.
+    probe = [(GiB, 8192)] * 32
+    m = Measurements(10 * GiB, 20 * GiB, 11 * GiB, probe, 8192)
+    # peak with every layer recomputed: (20 - 10) + 11 = 21 GiB; each kept layer adds 1 GiB
+    assert choose_recomputation(m, 30 * GiB, 32) == (32 - 9, False, GiB, 21 * GiB)
+    assert choose_recomputation(m, 100 * GiB, 32)[:2] == (0, False)
+    assert choose_recomputation(m, 20 * GiB, 32)[:2] == (32, True)  # 21 > 20: offload
+    # a batch twice as long as step 1's: activations scale, weights and state do not
+    m2 = Measurements(10 * GiB, 20 * GiB, 11 * GiB, probe, 16384)
+    assert choose_recomputation(m2, 40 * GiB, 32) == (32 - 4, False, 2 * GiB, 31 * GiB)
+
+
+def test_cpu_auto_changes_nothing(tiny_llama, tmp_path):
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    model, tokenizer = tiny_llama
+    model = st.add_adapter(model, st.LoraConfig(r=2, target_modules=["q_proj"]))
+    before = {n: (p.dtype, p.requires_grad) for n, p in model.named_parameters()}
+    use_cache = model.config.use_cache
+    from slimtune.training.data import load_dataset
+
+    data = load_dataset(_rows_file(tmp_path), tokenizer, 64)
+    plan = plan_memory(model, TrainConfig(), torch.device("cpu"), data)
+    assert (plan.recomputed, plan.offload, plan.kernels, plan.pending) == (0, False, False, False)
+    assert {n: (p.dtype, p.requires_grad) for n, p in model.named_parameters()} == before
+    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    assert not any(m.gradient_checkpointing for m in layers)
+    assert model.config.use_cache == use_cache
+    assert plan.line().startswith("cpu: float32 base") and "recompute 0/2 layers" in plan.line()
+
+
+@pytest.mark.parametrize("setting", ["all", "0.5"])
+def test_recomputation_on_cpu_trains_bit_identically(make_tiny_llama_dir, tmp_path, setting):
+    """Recomputing layers (all, or half) changes memory, never the numbers: the same losses
+    and adapter as a run without it, bit for bit; summary.json records the plan."""
+    data = _rows_file(tmp_path)
+    directory = make_tiny_llama_dir()
+    results = []
+    for checkpointing in ("none", setting):
+        model, tokenizer = load_model(directory)
+        torch.manual_seed(0)
+        model = st.add_adapter(model, st.LoraConfig(r=4, target_modules="all-linear"))
+        config = TrainConfig(max_steps=4, batch_size=4, save_every=0, checkpointing=checkpointing)
+        out = tmp_path / f"run-{checkpointing}"
+        summary = train(model, tokenizer, data, config, out, quiet=True)
+        losses = [json.loads(x)["loss"] for x in (out / "metrics.jsonl").open()]
+        results.append(
+            (
+                losses,
+                {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad},
+                summary,
+            )
+        )
+    (plain, plain_params, _), (recomputed, params, summary) = results
+    assert recomputed == plain
+    assert all(torch.equal(params[n], plain_params[n]) for n in plain_params)
+    assert summary["memory"]["recomputed"] == (2 if setting == "all" else 1)
+    assert summary["memory"]["setting"] == setting
+    saved = json.loads((tmp_path / f"run-{setting}" / "summary.json").read_text())
+    assert saved["memory"]["line"] == summary["memory"]["line"]
+
+
+@pytest.mark.parametrize("key, value", [("checkpointing", "some"), ("checkpointing", 1.5),
+                                        ("gpu_memory", -1), ("optim", "sgd")])  # fmt: skip
+def test_bad_memory_settings_are_named(key, value):
+    with pytest.raises(SlimtuneError, match=f"{key}={value!r}"):
+        TrainConfig(**{key: value})
+
+
+@pytest.mark.parametrize("optim", ["paged", "8bit"])
+def test_optim_setting_picks_the_optimizer(tiny_llama, tmp_path, optim):
+    from slimtune.training.optim import AdamW8bit, PagedAdamW
+
+    model, tokenizer = tiny_llama
+    model = st.add_adapter(model, st.LoraConfig(r=2, target_modules=["q_proj"]))
+    seen = []
+    step = {"paged": PagedAdamW, "8bit": AdamW8bit}[optim].step
+
+    def spy(self, *args, **kwargs):
+        seen.append(type(self).__name__)
+        return step(self, *args, **kwargs)
+
+    cls = {"paged": PagedAdamW, "8bit": AdamW8bit}[optim]
+    cls.step = spy
+    try:
+        config = TrainConfig(max_steps=2, batch_size=4, save_every=0, optim=optim)
+        train(model, tokenizer, _rows_file(tmp_path), config, tmp_path / "run", quiet=True)
+    finally:
+        cls.step = step
+    assert seen == [cls.__name__] * 2
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_auto_plan_keeps_the_peak_within_the_budget_gpu(make_tiny_llama_dir, tmp_path):
+    """A budget between 'all recomputed' and 'none recomputed' gives a partial plan whose
+    later steps stay under the budget (the measurement is what the plan rests on)."""
+    directory = make_tiny_llama_dir(hidden_size=256, intermediate_size=1024, num_hidden_layers=8)
+    rows = [{"text": " ".join(["ab"] * 400)} for _ in range(16)]
+    data = tmp_path / "t.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    peaks = {}
+    for setting in ("all", "none"):
+        model, tok = load_model(directory, dtype=torch.bfloat16, device="cuda")
+        model = st.add_adapter(model, st.LoraConfig(r=4, target_modules="all-linear"))
+        torch.cuda.reset_peak_memory_stats()
+        config = TrainConfig(
+            max_steps=2, batch_size=8, max_length=512, save_every=0, checkpointing=setting
+        )
+        train(model, tok, data, config, tmp_path / setting, quiet=True)
+        peaks[setting] = torch.cuda.max_memory_allocated() / GiB
+        del model
+        torch.cuda.empty_cache()
+    budget = (peaks["all"] + peaks["none"]) / 2
+    torch.cuda.reset_peak_memory_stats()
+    model, tok = load_model(directory, dtype=torch.bfloat16, device="cuda")
+    model = st.add_adapter(model, st.LoraConfig(r=4, target_modules="all-linear"))
+    config = TrainConfig(max_steps=3, batch_size=8, max_length=512, save_every=0, gpu_memory=budget)
+    summary = train(model, tok, data, config, tmp_path / "auto", quiet=True)
+    plan = summary["memory"]
+    assert 0 < plan["recomputed"] < 8 and not plan["offload"], (peaks, plan)
+    assert summary["peak_memory_mb"] / 1024 <= budget * 1.02, (peaks, plan)
