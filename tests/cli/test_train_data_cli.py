@@ -41,12 +41,20 @@ def test_errors_name_the_flag_or_the_yaml_key(
     assert not out.exists()
 
 
-@pytest.mark.parametrize("name", ["alpaca.jsonl", "sharegpt.jsonl"])
-def test_train_on_alpaca_and_sharegpt_files(tiny_llama_dir, tmp_path, capsys, name):
+@pytest.mark.parametrize(
+    ("name", "flags"),
+    [
+        ("alpaca.jsonl", []),
+        ("sharegpt.jsonl", []),
+        ("alpaca.csv", ["--neftune-alpha", "5", "--lora-plus-ratio", "16"]),
+    ],
+)
+def test_train_on_alpaca_and_sharegpt_files(tiny_llama_dir, tmp_path, capsys, name, flags):
     out = tmp_path / "run"
-    assert train(tiny_llama_dir, DOCS / name, out, "--quiet") == 0
+    assert train(tiny_llama_dir, DOCS / name, out, "--quiet", *flags) == 0
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["steps"] == 2 and summary["train_rows"] == len(
-        (DOCS / name).read_text().splitlines()
-    )
+    rows = 3 if name == "alpaca.csv" else len((DOCS / name).read_text().splitlines())
+    assert summary["steps"] == 2 and summary["train_rows"] == rows
+    config = (out / "config.yaml").read_text()
+    assert "neftune_alpha: 5.0" in config if flags else "neftune_alpha: 0.0" in config
     assert (out / "adapter" / "adapter_model.safetensors").is_file()
