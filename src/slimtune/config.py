@@ -169,6 +169,20 @@ PRECISIONS = ("auto", "fp32", "bf16")
 REPORT_TO = ("none", "tensorboard")
 
 
+OPTIMS = ("adamw", "paged", "8bit")
+CHECKPOINTING = ("auto", "all", "none", "offload")
+
+
+def _checkpointing_ok(value: object) -> bool:
+    """auto, all, none, offload, or F: the share of decoder layers recomputed (0 < F < 1)."""
+    if value in CHECKPOINTING:
+        return True
+    try:
+        return 0.0 < float(value) < 1.0 and not isinstance(value, bool)
+    except (TypeError, ValueError):
+        return False
+
+
 @dataclass(frozen=True, kw_only=True)
 class TrainConfig:
     """The training loop: AdamW, a warmup + decay schedule, clipping, accumulation, checkpoints."""
@@ -194,6 +208,9 @@ class TrainConfig:
     device: str | None = None  # "cpu", "cuda", "cuda:1"; None: CUDA when there is one
     loss_chunk: int = 1024  # positions per chunk of the output layer in the loss
     group_by_length: bool = True  # batch rows of similar length together (less padding)
+    checkpointing: str = "auto"  # auto|all|none|offload|F: layers recomputed (training/memory.py)
+    gpu_memory: float | None = None  # GiB the auto plan may use (None: 90% of free GPU memory)
+    optim: Literal["adamw", "paged", "8bit"] = "adamw"  # AdamW, paged to CPU, or 8-bit states
     packing: bool = False  # pack rows into max_length sequences; no attention across rows
     neftune_alpha: float = 0.0  # NEFTune: noise alpha/sqrt(L*d) on input embeddings (0: off)
     lora_plus_ratio: float = 0.0  # LoRA+: B matrices train at this x lr (0: off)
@@ -224,6 +241,21 @@ class TrainConfig:
         if float(self.weight_decay) < 0 or float(self.max_grad_norm) < 0:
             key = "weight_decay" if float(self.weight_decay) < 0 else "max_grad_norm"
             raise _fail(name, key, getattr(self, key), "a number >= 0")
+        if not _checkpointing_ok(self.checkpointing):
+            raise _fail(
+                name,
+                "checkpointing",
+                self.checkpointing,
+                "auto, all, none, offload or a share in (0, 1)",
+            )
+        if self.gpu_memory is not None and (
+            isinstance(self.gpu_memory, bool)
+            or not isinstance(self.gpu_memory, int | float)
+            or self.gpu_memory <= 0
+        ):
+            raise _fail(name, "gpu_memory", self.gpu_memory, "a number of GiB > 0")
+        if self.optim not in OPTIMS:
+            raise _fail(name, "optim", self.optim, "'adamw', 'paged' or '8bit'")
         for key in ("neftune_alpha", "lora_plus_ratio"):
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:

@@ -178,7 +178,7 @@ def run(args: argparse.Namespace) -> int:
     eval_data = None
     if run_options["eval_data"]:
         eval_data = load_dataset(run_options["eval_data"], tokenizer, config.max_length, quiet=True)
-    model, tokenizer = load_model(run_options["model"])
+    model, tokenizer = load_model(run_options["model"], **load_options(run_options, config))
     torch.manual_seed(config.seed)
     options = {**run_options, "base_model": str(run_options["model"])}
     with naming_sources(args):
@@ -191,6 +191,19 @@ def run(args: argparse.Namespace) -> int:
         print(report(summary, out))
     distributed.shutdown()
     return 0
+
+
+def load_options(run_options: dict[str, Any], config: TrainConfig) -> dict[str, Any]:
+    """How to load the base: QLoRA quantizes each weight as it arrives (CPU too); a single GPU
+    gets the weights streamed straight to it in the autocast dtype (bf16)."""
+    from slimtune.training import distributed
+    from slimtune.training.loop import resolve_device
+
+    quantize = (run_options.get("quant") or "nf4") if run_options["method"] == "qlora" else None
+    device, autocast = resolve_device(config)
+    if device.type == "cpu" or distributed.is_distributed():
+        return {"quantize": quantize}
+    return {"quantize": quantize, "device": device, "dtype": autocast or torch.float32}
 
 
 def report(summary: dict[str, Any], out: Path) -> str:

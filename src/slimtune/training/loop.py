@@ -40,6 +40,7 @@ from slimtune.training.checkpoints_sharded import (
 from slimtune.training.data import IGNORE_INDEX, Dataset, batches_from, load_dataset
 from slimtune.training.loraplus import param_groups
 from slimtune.training.loss import causal_lm_loss
+from slimtune.training.memory import MemoryPlan, plan_memory
 from slimtune.training.neftune import neftune
 from slimtune.training.runlog import MetricsLog, peak_memory_mb, plot_losses
 
@@ -92,8 +93,10 @@ def place_model(
     return distributed.place_model(model, device, loss_fn)
 
 
-def make_optimizer(params: list[nn.Parameter], config: TrainConfig) -> torch.optim.AdamW:
-    return torch.optim.AdamW(
+def make_optimizer(params: list[nn.Parameter], config: TrainConfig) -> torch.optim.Optimizer:
+    from slimtune.training.optim import optimizer_class
+
+    return optimizer_class(config.optim)(
         params,
         lr=config.lr,
         betas=(config.adam_beta1, config.adam_beta2),
@@ -215,6 +218,9 @@ def train(
         model, params, config.lora_plus_ratio, lr=config.lr, weight_decay=config.weight_decay
     )  # LoRA+ (loraplus.py) when --lora-plus-ratio is set
     optimizer = make_optimizer(groups, config)
+    plan = None if distributed.is_distributed() else plan_memory(model, config, device, data)
+    if plan is not None and not plan.pending and not quiet:
+        print(plan.line(), flush=True)
     config = keep_global_batch(config, out, resume)
     if distributed.is_main():
         prepare_run(out, resume, overwrite)
@@ -222,6 +228,7 @@ def train(
     metrics = distributed.metrics_log(out / "metrics.jsonl")
     state = start_state(out, model, optimizer, resume, metrics)
     run = _Loop(model, tokenizer, data, config, out, device, autocast, loss_fn, eval_data, quiet)
+    run.plan = plan
     with neftune(model, config.neftune_alpha):  # noise in training only (neftune.py)
         state = run.steps(optimizer, params, state, metrics)
     return finish(run, state, metrics, save_fn or default_save_fn)
@@ -247,6 +254,7 @@ class _Loop:
     loss_fn: LossFn
     eval_data: Dataset | None
     quiet: bool
+    plan: MemoryPlan | None = None  # training/memory.py; `auto` completes it after step 1
 
     def steps(self, optimizer, params, state: dict, metrics: MetricsLog) -> dict:
         config, model = self.config, self.model
@@ -270,6 +278,8 @@ class _Loop:
             norm = torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm or float("inf"))
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+            if self.plan is not None and self.plan.after_step(model) and not self.quiet:
+                bar.write(self.plan.line())
             state = {
                 "step": step,
                 "micro_batches": state["micro_batches"]
@@ -341,6 +351,7 @@ def finish(run: _Loop, state: dict, metrics: MetricsLog, save_fn: SaveFn) -> dic
         "wall_time_s": state["elapsed_s"],
         "peak_memory_mb": peak_memory_mb(run.device),
         "device": str(run.device),
+        "memory": run.plan.record() if run.plan is not None else None,
     }
     if distributed.is_main():
         write_json(run.out / "summary.json", summary)

@@ -177,3 +177,8 @@ def state_bytes(optimizer: torch.optim.Optimizer, device: str = "cuda") -> int:
             if isinstance(value, Tensor) and value.device.type == device:
                 total += value.numel() * value.element_size()
     return total
+
+
+def optimizer_class(name: str) -> type[torch.optim.Optimizer]:
+    """`--optim NAME` -> the optimizer: adamw (torch's), paged (PagedAdamW) or 8bit (AdamW8bit)."""
+    return {"adamw": torch.optim.AdamW, "paged": PagedAdamW, "8bit": AdamW8bit}[name]
