@@ -46,6 +46,7 @@ class Example:
     input_ids: list[int]
     labels: list[int]
     line: int = 0  # line of the source file (1-based; 0 for packed .txt chunks)
+    position_ids: list[int] | None = None  # packed rows (packing.py): restart at each row
 
 
 @dataclass
@@ -251,17 +252,27 @@ def batch_order(
 
 
 def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-padded input_ids, attention_mask and labels, (B, T) each."""
+    """Right-padded input_ids, attention_mask and labels, (B, T) each.
+
+    Packed examples add position_ids (B, T): each row's restart at 0, and so does the
+    padding, which thereby forms a block of its own that no row attends to.
+    """
     width = max(len(ex.input_ids) for ex in examples)
     ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
     labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
     mask = torch.zeros((len(examples), width), dtype=torch.long)
+    packed = any(ex.position_ids is not None for ex in examples)
+    positions = torch.zeros((len(examples), width), dtype=torch.long)
     for row, ex in enumerate(examples):
         n = len(ex.input_ids)
         ids[row, :n] = torch.tensor(ex.input_ids)
         labels[row, :n] = torch.tensor(ex.labels)
         mask[row, :n] = 1
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+        if packed:
+            positions[row, :n] = torch.tensor(ex.position_ids or list(range(n)))
+            positions[row, n:] = torch.arange(width - n)
+    batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    return {**batch, "position_ids": positions} if packed else batch
 
 
 def batches_from(

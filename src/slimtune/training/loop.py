@@ -42,6 +42,7 @@ from slimtune.training.loraplus import param_groups
 from slimtune.training.loss import causal_lm_loss
 from slimtune.training.memory import MemoryPlan, plan_memory
 from slimtune.training.neftune import neftune
+from slimtune.training.packing import pack_dataset
 from slimtune.training.runlog import MetricsLog, peak_memory_mb, plot_losses
 
 SaveFn = Callable[[nn.Module, Path], Any]
@@ -107,6 +108,7 @@ def make_optimizer(params: list[nn.Parameter], config: TrainConfig) -> torch.opt
 
 def make_batches(data: Dataset, config: TrainConfig, pad_id: int, start: int) -> Iterator[dict]:
     """Micro-batches from number `start` on (distributed runs shard them here)."""
+    data = pack_dataset(data, config.max_length) if config.packing else data  # packing.py
     batches = batches_from(
         data, config.batch_size, config.seed, pad_id, start, config.group_by_length
     )

@@ -59,16 +59,22 @@ def causal_lm_loss(
     count = int(keep.sum())
     mask = batch["attention_mask"]
     mask = None if bool(mask.all()) else mask  # no padding: the plain causal kernel
+    packed = {"position_ids": batch["position_ids"]} if "position_ids" in batch else {}
+    mask = None if packed else mask  # packed rows: position ids mark them (packing.py)
     if count == 0:
         return torch.zeros((), device=labels.device), 0
     parts = split_model(model)
     if parts is None:
         out = model(
-            input_ids=batch["input_ids"], attention_mask=mask, labels=labels, use_cache=False
+            input_ids=batch["input_ids"],
+            attention_mask=mask,
+            labels=labels,
+            use_cache=False,
+            **packed,
         )
         return out.loss.float() * count, count
     body, head = parts
-    hidden = body(input_ids=batch["input_ids"], attention_mask=mask, use_cache=False)[0]
+    hidden = body(input_ids=batch["input_ids"], attention_mask=mask, use_cache=False, **packed)[0]
     hidden = hidden[:, -labels.shape[1] :]  # (B, T, d); a model may put virtual tokens first
     selected = hidden[:, :-1][keep]  # (N, d)
     mean = linear_cross_entropy(selected, head.weight, targets[keep], chunk=chunk)
