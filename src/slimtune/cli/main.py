@@ -199,6 +199,13 @@ def _train_flags(p: argparse.ArgumentParser) -> None:
         "LoRA+: B matrices train at this x --lr; 16 in the paper (default: 0, off)",
         float,
     )
+    t.add_argument(
+        "--packing",
+        action="store_true",
+        default=None,
+        help="pack short rows into --max-length sequences; attention never crosses rows "
+        "(default: off, rows padded)",
+    )
     o = g["output"]
     o.add_argument(
         "--out", metavar="RUN", help="run directory (adapter/, checkpoints, metrics); required"
