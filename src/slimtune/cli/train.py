@@ -97,7 +97,9 @@ def resolve(args: argparse.Namespace) -> tuple[dict[str, Any], TrainConfig]:
         config = TrainConfig(**{k: options[k] for k in TRAIN_KEYS if k in options})
     run = {k: options.get(k) for k in RUN_KEYS}
     if config.packing and run["method"] == "prompt":
-        raise SlimtuneError("--packing does not work with --method prompt: its soft tokens lead every row")
+        raise SlimtuneError(
+            "--packing does not work with --method prompt: its soft tokens lead every row"
+        )
     return run, config
 
 
