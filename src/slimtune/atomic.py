@@ -95,3 +95,45 @@ def write_yaml(path: Path, obj: dict[str, Any]) -> None:
     import yaml
 
     write_text_atomic(path, yaml.safe_dump(obj, sort_keys=False))
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    elif os.path.lexists(path):
+        path.unlink()
+
+
+def _entries(root: Path) -> set[str]:
+    """Every path under `root`, relative to it (symlinks not followed)."""
+    found = set()
+    for folder, dirs, files in os.walk(root):
+        rel = os.path.relpath(folder, root)
+        found.update(os.path.normpath(os.path.join(rel, name)) for name in dirs + files)
+    return found
+
+
+@contextmanager
+def undone_on_failure(*paths: str | os.PathLike) -> Iterator[None]:
+    """Whatever the block creates at `paths` is removed again if it fails (error or Ctrl-C).
+
+    A path that did not exist goes whole, with the parent directories made for it; in a
+    directory that existed, only the files and folders that were not there before. What
+    existed stays.
+    """
+    before = []
+    for given in paths:
+        path = Path(given).expanduser().absolute()
+        made = [p for p in (path, *path.parents) if not os.path.lexists(p)]
+        entries = _entries(path) if path.is_dir() else None
+        before.append((path, made, entries))
+    try:
+        yield
+    except BaseException:
+        for path, made, entries in before:
+            if made:
+                _remove(made[-1])  # the highest directory (or the file) this block made
+            elif entries is not None and path.is_dir():
+                for name in sorted(_entries(path) - entries, key=len):  # parents first
+                    _remove(path / name)
+        raise

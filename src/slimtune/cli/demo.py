@@ -7,7 +7,8 @@ a person and answer with a fixed record, surname first:
 
 The demo measures exact match on 40 held-out rows (names and cities never seen in
 training) before and after a short LoRA run, shows a few answers side by side, and
-leaves a full run directory (RUN/summary.json gains `before` and `after`).
+leaves a full run directory (RUN/summary.json gains `before` and `after`). Like `train`, it
+refuses a non-empty --out unless --overwrite, and then replaces only a run's own files.
 """
 
 from __future__ import annotations
@@ -78,8 +79,10 @@ def run(args: argparse.Namespace) -> int:
     from slimtune.models import load_model
     from slimtune.training.data import load_dataset
     from slimtune.training.loop import train
+    from slimtune.training.rundir import check_run_dir
     from slimtune.training.setup import adapter_saver
 
+    out = check_run_dir(args.out, resume=False, overwrite=args.overwrite)  # before the model
     began = time.perf_counter()
     quiet_transformers(args.quiet)
     say = (lambda *a: None) if args.quiet else print
@@ -98,10 +101,9 @@ def run(args: argparse.Namespace) -> int:
     )
     run_config = {"model": MODEL, "data": str(demo_file("train.jsonl")), "method": "lora",
                   "rank": LORA.r, "alpha": LORA.lora_alpha, "target_modules": ",".join(TARGETS)}  # fmt: skip
-    out = Path(args.out)
     summary = train(
         model, tokenizer, train_data, TRAIN, out, save_fn=adapter_saver(MODEL),
-        overwrite=True, quiet=args.quiet, run_config=run_config,
+        overwrite=args.overwrite, quiet=args.quiet, run_config=run_config,
     )  # fmt: skip
     after = held_out(model, tokenizer, test_data)
     summary.update(before=before, after=after, demo_wall_time_s=time.perf_counter() - began)

@@ -433,11 +433,33 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _handler(command: str) -> Callable[[argparse.Namespace], int | None]:
-    """Import the module that runs a command only when it is asked for (fast start-up)."""
+    """Import the module that runs a command only when it is asked for (fast start-up);
+    what it writes is removed again if it fails (train and demo: training/rundir.py's rule,
+    which keeps checkpoints for --resume)."""
     from importlib import import_module
 
     module = import_module(f"slimtune.cli.{command}")
-    return module.run
+
+    def run(args: argparse.Namespace) -> int | None:
+        from slimtune.atomic import undone_on_failure
+
+        with undone_on_failure(*_outputs(args)):
+            return module.run(args)
+
+    return run
+
+
+def _outputs(args: argparse.Namespace) -> list[str]:
+    """The paths a command writes (a new command that writes adds its case here)."""
+    if args.command == "export":
+        from slimtune.export.gguf import output_paths
+
+        return [args.out, *map(str, output_paths(args.format, args.out))]
+    if args.command in ("merge", "compare"):
+        return [args.out]
+    if args.command == "eval" and args.json:
+        return [args.json]
+    return []
 
 
 def main(argv: Sequence[str] | None = None) -> int:

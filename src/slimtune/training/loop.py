@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
-import shutil
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -43,6 +42,7 @@ from slimtune.training.loss import causal_lm_loss
 from slimtune.training.memory import MemoryPlan, plan_memory
 from slimtune.training.neftune import neftune
 from slimtune.training.packing import pack_dataset
+from slimtune.training.rundir import check_run_dir, clear_run, removed_on_failure
 from slimtune.training.runlog import MetricsLog, peak_memory_mb, plot_losses
 
 SaveFn = Callable[[nn.Module, Path], Any]
@@ -60,21 +60,6 @@ def lr_factor(step: int, config: TrainConfig) -> float:
     if config.schedule == "linear":
         return 1.0 - progress
     return 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
-def check_run_dir(out_dir: str | Path, resume: bool, overwrite: bool) -> Path:
-    """Refuse an existing non-empty run directory unless resuming or overwriting."""
-    out = Path(out_dir).expanduser()
-    if out.exists() and not out.is_dir():
-        raise SlimtuneError(f"output {out} exists and is not a directory")
-    if resume:
-        latest_checkpoint(out)
-    elif out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise SlimtuneError(
-            f"output directory {out} exists and is not empty: use --resume to continue it "
-            "or --overwrite to replace it"
-        )
-    return out
 
 
 def resolve_device(config: TrainConfig) -> tuple[torch.device, torch.dtype | None]:
@@ -157,7 +142,7 @@ def progress_bar(config: TrainConfig, start: int, quiet: bool):
 
 def prepare_run(out: Path, resume: bool, overwrite: bool) -> None:
     if overwrite and not resume and out.is_dir():
-        shutil.rmtree(out)
+        clear_run(out)  # an earlier run's own files only (rundir.py)
     out.mkdir(parents=True, exist_ok=True)
 
 
@@ -224,16 +209,20 @@ def train(
     if plan is not None and not plan.pending and not quiet:
         print(plan.line(), flush=True)
     config = keep_global_batch(config, out, resume)
-    if distributed.is_main():
-        prepare_run(out, resume, overwrite)
-        write_yaml(out / "config.yaml", {**(run_config or {}), **dataclasses.asdict(config)})
-    metrics = distributed.metrics_log(out / "metrics.jsonl")
-    state = start_state(out, model, optimizer, resume, metrics)
-    run = _Loop(model, tokenizer, data, config, out, device, autocast, loss_fn, eval_data, quiet)
-    run.plan = plan
-    with neftune(model, config.neftune_alpha):  # noise in training only (neftune.py)
-        state = run.steps(optimizer, params, state, metrics)
-    return finish(run, state, metrics, save_fn or default_save_fn)
+    # a failure before the first checkpoint removes what this run wrote (rundir.py)
+    with removed_on_failure(out, keep=resume or not distributed.is_main()):
+        if distributed.is_main():
+            prepare_run(out, resume, overwrite)
+            write_yaml(out / "config.yaml", {**(run_config or {}), **dataclasses.asdict(config)})
+        metrics = distributed.metrics_log(out / "metrics.jsonl")
+        state = start_state(out, model, optimizer, resume, metrics)
+        run = _Loop(
+            model, tokenizer, data, config, out, device, autocast, loss_fn, eval_data, quiet
+        )
+        run.plan = plan
+        with neftune(model, config.neftune_alpha):  # noise in training only (neftune.py)
+            state = run.steps(optimizer, params, state, metrics)
+        return finish(run, state, metrics, save_fn or default_save_fn)
 
 
 def default_save_fn(model: nn.Module, directory: Path) -> Any:
