@@ -47,6 +47,8 @@ def run(args: argparse.Namespace) -> int:
             raise SlimtuneError(
                 f"--{name.replace('_', '-')} {value} is not accepted: an integer > 0"
             )
+    if args.rank is not None and not {"lora", "qlora", "dora"} & set(methods):
+        raise SlimtuneError(f"--rank {args.rank} needs lora, qlora or dora in --methods")
     resolve_model_path(args.model)
     for path in filter(None, (args.data, args.eval_data)):
         if not Path(path).is_file():

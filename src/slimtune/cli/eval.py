@@ -13,14 +13,18 @@ from typing import Any
 from slimtune.errors import SlimtuneError
 
 
-def load_for_inference(model_spec: str, adapter: str | None, quantize: str | None = None):
-    """(model, tokenizer): the base model, quantized if asked, with the adapter loaded."""
+def load_for_inference(
+    model_spec: str, adapter: str | None, quantize: str | None = None, force: bool = False
+):
+    """(model, tokenizer): the base model, quantized as the adapter trained (or as --quant,
+    see cli/applies.py), with the adapter loaded."""
+    from slimtune.cli.applies import inference_quantization
     from slimtune.models import load_model
 
     if adapter is not None and not Path(adapter).is_dir():
         raise SlimtuneError(f"--adapter {adapter} is not a directory (give RUN/adapter)")
+    record = inference_quantization(quantize, trained_quantization(adapter), force)
     model, tokenizer = load_model(model_spec)
-    record = {"quant": quantize, "skip": ["lm_head"]} if quantize else trained_quantization(adapter)
     if record:
         from slimtune.quant.linear import quantize_model
 
@@ -74,7 +78,7 @@ def run(args: argparse.Namespace) -> int:
         raise SlimtuneError("--max-length and --batch-size must be integers > 0")
     quiet_transformers(args.quiet)
     data = load_for_eval(Path(args.data), load_tokenizer(args.model), max_length, args.quiet)
-    model, tokenizer = load_for_inference(args.model, args.adapter, args.quant)
+    model, tokenizer = load_for_inference(args.model, args.adapter, args.quant, args.force)
     result = evaluate(
         model, tokenizer, data, max_length=max_length, batch_size=args.batch_size or 8
     )

@@ -22,6 +22,10 @@ def run(args: argparse.Namespace) -> int:
         )
     if args.temperature < 0:
         raise SlimtuneError(f"--temperature {args.temperature} is not accepted: a number >= 0")
+    if args.seed is not None and args.temperature == 0:
+        raise SlimtuneError(
+            f"--seed {args.seed} needs --temperature > 0: greedy decoding draws nothing"
+        )
     quiet_transformers(quiet=True)
     model, tokenizer = load_for_inference(args.model, args.adapter)
 
@@ -31,7 +35,7 @@ def run(args: argparse.Namespace) -> int:
 
     text = generate(
         model, tokenizer, args.prompt, max_new_tokens=args.max_new_tokens,
-        temperature=args.temperature, raw=args.raw, stream=write, seed=args.seed,
+        temperature=args.temperature, raw=args.raw, stream=write, seed=args.seed or 0,
     )  # fmt: skip
     if not text.endswith("\n"):
         sys.stdout.write("\n")

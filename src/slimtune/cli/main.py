@@ -229,6 +229,11 @@ def _eval_flags(p: argparse.ArgumentParser) -> None:
         "quantize the base model (default: as the adapter was trained, else unquantized)",
     )
     _alias(g["model"], "--quantize", "quant", choices=QUANTS)
+    g["model"].add_argument(
+        "--force",
+        action="store_true",
+        help="score a QLoRA adapter on another --quant than it was trained on",
+    )
     g["data"].add_argument("--data", required=True, metavar="FILE", help="JSONL or .txt to score")
     _num(g["data"], "--max-length", "tokens per row (default: 1024)")
     _num(g["training"], "--batch-size", "rows per forward pass (default: 8)")
@@ -252,7 +257,9 @@ def _generate_flags(p: argparse.ArgumentParser) -> None:
     g["method"].add_argument(
         "--temperature", type=float, default=0.0, metavar="X", help="0: greedy; above: sampling"
     )
-    g["method"].add_argument("--seed", type=int, default=0, metavar="N", help="sampling seed")
+    g["method"].add_argument(
+        "--seed", type=int, default=None, metavar="N", help="sampling seed (default: 0)"
+    )
 
 
 def _merge_flags(p: argparse.ArgumentParser) -> None:

@@ -98,6 +98,15 @@ def run(args: argparse.Namespace) -> int:
     from slimtune.atomic import prepare_out_dir, write_atomic_dir
 
     out = prepare_out_dir(args.out, args.overwrite)
+    if args.into == "original":
+        from slimtune.adapter_dir import read_adapter_metadata
+        from slimtune.quant.linear import METADATA_KEY
+
+        if METADATA_KEY not in read_adapter_metadata(args.adapter):
+            raise SlimtuneError(
+                f"--into original needs a QLoRA adapter: {args.adapter} trained on an "
+                "unquantized base, so its trained and original weights are the same"
+            )
     model, tokenizer = merged_model(args.model, args.adapter, args.into)
 
     def write(tmp: Path) -> None:

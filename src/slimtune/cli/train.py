@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from slimtune.cli.applies import check_train_options
 from slimtune.config import TrainConfig
 from slimtune.errors import SlimtuneError
 
@@ -96,6 +97,7 @@ def resolve(args: argparse.Namespace) -> tuple[dict[str, Any], TrainConfig]:
     with naming_sources(args):
         config = TrainConfig(**{k: options[k] for k in TRAIN_KEYS if k in options})
     run = {k: options.get(k) for k in RUN_KEYS}
+    check_train_options(run, config, layers(args))  # no silent no-ops (applies.py)
     if config.packing and run["method"] == "prompt":
         raise SlimtuneError(
             "--packing does not work with --method prompt: its soft tokens lead every row"

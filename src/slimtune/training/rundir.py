@@ -43,6 +43,8 @@ def check_run_dir(out_dir: str | Path, resume: bool, overwrite: bool) -> Path:
     out = Path(out_dir).expanduser()
     if out.exists() and not out.is_dir():
         raise SlimtuneError(f"output {out} exists and is not a directory")
+    if resume and overwrite:
+        raise SlimtuneError("--resume continues a run and --overwrite replaces it: give one")
     if resume:
         if not (out / "checkpoints").is_dir():
             raise SlimtuneError(f"--resume: {out} holds no run (no {out / 'checkpoints'})")
