@@ -107,12 +107,14 @@ def perplexity(model, tokenizer, text: str = HELD_OUT) -> float:
         return float(torch.exp(model(ids, labels=ids).loss))
 
 
-def gguf_model(path: Path):
-    """(model, tokenizer) read back through transformers' own GGUF loader."""
+def gguf_model(path: Path, config=None):
+    """(model, tokenizer) read back through transformers' own GGUF loader; `config` stands in
+    for the one it derives, where its key mapping is incomplete (Qwen3's head_dim, ...)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    extra = {} if config is None else {"config": config}
     model = AutoModelForCausalLM.from_pretrained(
-        path.parent, gguf_file=path.name, dtype=torch.float32
+        path.parent, gguf_file=path.name, dtype=torch.float32, **extra
     )
     return model.eval(), AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
 
@@ -120,3 +122,135 @@ def gguf_model(path: Path):
 def logits(model, ids) -> torch.Tensor:
     with torch.no_grad():
         return model(ids).logits
+
+
+# --- SentencePiece tokenizers and the other families ------------------------------------------
+
+# chat templates in the shape of the real ones (Mistral v0.1 / Gemma / Phi-3), cut to the turns
+MISTRAL_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}{% if message['role'] == 'user' %}"
+    "{{ '[INST] ' + message['content'] + ' [/INST]' }}{% else %}"
+    "{{ message['content'] + eos_token }}{% endif %}{% endfor %}"
+)
+GEMMA_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}{% if message['role'] == 'assistant' %}"
+    "{% set role = 'model' %}{% else %}{% set role = message['role'] %}{% endif %}"
+    "{{ '<start_of_turn>' + role + '\n' + message['content'] | trim + '<end_of_turn>\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}"
+)
+PHI3_TEMPLATE = (
+    "{% for message in messages %}{{ '<|' + message['role'] + '|>\n' + message['content'] + "
+    "'<|end|>\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>\n' }}"
+    "{% else %}{{ eos_token }}{% endif %}"
+)
+SPM_STYLES = {  # style -> (tokenizer class, specials, dummy prefix, added tokens, template)
+    "llama": ("LlamaTokenizer", ("<unk>", "<s>", "</s>", None), True, [], MISTRAL_TEMPLATE),
+    "gemma": (
+        "GemmaTokenizer",
+        ("<unk>", "<bos>", "<eos>", "<pad>"),
+        False,
+        ["<start_of_turn>", "<end_of_turn>"],
+        GEMMA_TEMPLATE,
+    ),
+    "phi3": (
+        "LlamaTokenizer",
+        ("<unk>", "<s>", "<|endoftext|>", "<|endoftext|>"),
+        True,
+        ["<|user|>", "<|assistant|>", "<|end|>", "<|system|>"],
+        PHI3_TEMPLATE,
+    ),
+}
+
+
+def build_spm_tokenizer(style: str, folder: Path):
+    """A SentencePiece BPE model (byte fallback, 400 pieces) trained on TRAIN_TEXT, loaded by
+    transformers from `folder`/tokenizer.model as Llama 2 / Mistral, Gemma or Phi-3 ship it."""
+    import json
+
+    import sentencepiece as spm
+    from transformers import AutoTokenizer
+
+    cls, (unk, bos, eos, pad), dummy_prefix, added, template = SPM_STYLES[style]
+    folder.mkdir(parents=True, exist_ok=True)
+    user = [t for t in added if style == "gemma"]  # Gemma's turn markers live in the .model
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(TRAIN_TEXT),
+        model_prefix=str(folder / "tokenizer"),
+        vocab_size=400,
+        model_type="bpe",
+        byte_fallback=True,
+        character_coverage=1.0,
+        unk_piece=unk,
+        bos_piece=bos,
+        eos_piece=eos,
+        unk_id=0,
+        bos_id=1,
+        eos_id=2,
+        pad_id=3 if style == "gemma" else -1,
+        pad_piece=pad or "<pad>",
+        user_defined_symbols=user,
+        add_dummy_prefix=dummy_prefix,
+        remove_extra_whitespaces=False,
+        normalization_rule_name="identity",
+        minloglevel=2,
+    )
+    (folder / "tokenizer.vocab").unlink()
+    config = {"tokenizer_class": cls, "bos_token": bos, "eos_token": eos, "unk_token": unk}
+    config |= {"pad_token": pad} if pad else {}
+    config |= {"chat_template": template, "add_bos_token": True, "add_eos_token": False}
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    extra = [t for t in added if t not in user]
+    if extra:
+        tokenizer.add_special_tokens({"additional_special_tokens": extra})
+    return tokenizer
+
+
+FAMILY_CONFIGS = {  # model_type -> (transformers class names, extra config)
+    "mistral": ("MistralConfig", "MistralForCausalLM", {}),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {"head_dim": 16}),
+    "gemma": ("GemmaConfig", "GemmaForCausalLM", {"head_dim": 16}),
+    "gemma2": (
+        "Gemma2Config",
+        "Gemma2ForCausalLM",
+        {"head_dim": 16, "query_pre_attn_scalar": 16, "sliding_window": 8},
+    ),
+    "gemma3_text": (
+        "Gemma3TextConfig",
+        "Gemma3ForCausalLM",
+        {
+            "head_dim": 16,
+            "query_pre_attn_scalar": 16,
+            "sliding_window": 8,
+            "layer_types": ["sliding_attention", "full_attention"],
+        },
+    ),
+    "phi3": ("Phi3Config", "Phi3ForCausalLM", {"original_max_position_embeddings": 256}),
+}
+
+
+def build_family_model(kind: str, tokenizer, *, seed: int = 0):
+    """A tiny random model of one of FAMILY_CONFIGS, its norms and biases made to matter."""
+    import transformers
+
+    config_name, model_name, extra = FAMILY_CONFIGS[kind]
+    settings = dict(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    config = getattr(transformers, config_name)(**settings, **extra)
+    torch.manual_seed(seed)
+    model = getattr(transformers, model_name)(config)
+    with torch.no_grad():  # norms start at 1 (or 0 for Gemma): make them matter
+        for param in model.parameters():
+            if param.ndim == 1:
+                param.normal_(0, 0.3).add_(0 if kind.startswith("gemma") else 1)
+    return model.eval()

@@ -149,6 +149,21 @@ def test_bad_input_is_one_line(tmp_path, adapted, capsys):
             ],
             "safetensors takes",
         ),  # fmt: skip
+        (
+            [
+                "--model",
+                model_dir,
+                "--adapter",
+                adapter_dir,
+                "--format",
+                "gguf-lora",
+                "--dtype",
+                "q4_k_m",
+                "--out",
+                tmp_path / "l",
+            ],
+            "is for a whole model",
+        ),  # fmt: skip
     ]
     for args, expected in cases:
         capsys.readouterr()
@@ -158,3 +173,16 @@ def test_bad_input_is_one_line(tmp_path, adapted, capsys):
             err.count("\n") == 0 and expected in err and err.startswith("slimtune export: error:")
         )
     assert not (tmp_path / "g").exists() and not (tmp_path / "s").exists()
+
+
+def test_llamacpp_types_without_the_extra_say_how_to_install(
+    tmp_path, adapted, capsys, monkeypatch
+):
+    model_dir, adapter_dir, _ = adapted
+    monkeypatch.setitem(sys.modules, "llama_cpp", None)  # import llama_cpp raises ImportError
+    out = tmp_path / "q"
+    assert _export("--model", model_dir, "--adapter", adapter_dir, "--format", "gguf",
+                   "--dtype", "q4_k_m", "--out", out) == 1  # fmt: skip
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "--dtype q4_k_m" in err and "slimtune[llamacpp]" in err
+    assert not out.exists()

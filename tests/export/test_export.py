@@ -28,6 +28,7 @@ from export_helpers import (
 )
 from slimtune.atomic import _umask
 from slimtune.errors import SlimtuneError
+from slimtune.export import gguf_arch as ga
 from slimtune.export import gguf_file as gg
 from slimtune.export.gguf import export_gguf, export_gguf_lora
 from slimtune.export.merged import export_safetensors
@@ -65,13 +66,13 @@ def test_rope_permutation_inverts_transformers_reader():
     from transformers.modeling_gguf_pytorch_utils import LlamaTensorProcessor
 
     w = torch.randn(4 * 16, 24)  # 4 heads of 16 rows
-    back = LlamaTensorProcessor()._reverse_permute_weights(gg.permute_for_rope(w, 4).numpy(), 4)
+    back = LlamaTensorProcessor()._reverse_permute_weights(ga.permute_for_rope(w, 4).numpy(), 4)
     assert torch.equal(torch.from_numpy(back), w)
-    assert torch.equal(gg.unpermute_for_rope(gg.permute_for_rope(w, 4), 4), w)
+    assert torch.equal(ga.unpermute_for_rope(ga.permute_for_rope(w, 4), 4), w)
     # llama.cpp's convert_hf_to_gguf.py permute(), written out: rows (h, 2, d/2) -> (h, d/2, 2)
     head = w[:16]
     expected = torch.stack([head[:8], head[8:]], dim=1).reshape(16, 24)
-    assert torch.equal(gg.permute_for_rope(w, 4)[:16], expected)
+    assert torch.equal(ga.permute_for_rope(w, 4)[:16], expected)
 
 
 def test_gguf_f16_and_bf16_within_rounding(tmp_path, tokenizer):
@@ -87,27 +88,20 @@ def test_gguf_f16_and_bf16_within_rounding(tmp_path, tokenizer):
         assert (logits(model, ids) - logits(back, ids)).abs().max() < 0.05
 
 
-def test_q8_0_equals_gguf_package_and_ggml_definition():
-    import gguf.quants
-
+def test_q8_0_blocks_follow_the_ggml_definition():
     torch.manual_seed(0)
     w = torch.randn(6, 128) * 3
     w[0, :32] = 0  # an all-zero block: d = 0
     w[1, :32] = torch.arange(32) - 15.5  # halves: x/d lands on .5 steps
-    ours = gg.quantize_q8_0(w).numpy()
-    theirs = gguf.quants.quantize(w.numpy(), gguf.GGMLQuantizationType.Q8_0)
-    assert ours.dtype == theirs.dtype == np.uint8 and ours.shape == theirs.shape == (6, 4 * 34)
-    assert ours.tobytes() == theirs.tobytes()
-    deq = gguf.quants.dequantize(theirs, gguf.GGMLQuantizationType.Q8_0)
-    assert np.array_equal(gg.dequantize_q8_0(torch.from_numpy(ours)).numpy(), deq)
-    # GGML's block_q8_0, by hand: d = amax/127 as fp16, q = roundf(x/d), value = d*q
-    block = w[1, :32].double()
-    d = float(block.abs().max()) / 127
-    q = [int(np.sign(x) * np.floor(abs(x) / d + 0.5)) for x in block.tolist()]
-    raw = ours[1, :34]
-    assert raw[:2].view(np.float16)[0] == np.float16(d)
-    assert raw[2:].view(np.int8).tolist() == q
-    assert np.allclose(deq[1, :32], np.float32(np.float16(d)) * np.array(q, np.float32))
+    raw = gg.encode_tensor(w, "q8_0").data
+    assert raw.dtype == np.uint8 and raw.shape == (6, 4 * 34)
+    for row, col in ((0, 0), (1, 0), (3, 2)):  # GGML's block_q8_0, by hand
+        block = w[row, 32 * col : 32 * (col + 1)].double()
+        d = float(block.abs().max()) / 127
+        q = [int(np.sign(x) * np.floor(abs(x) / d + 0.5)) if d else 0 for x in block.tolist()]
+        packed = raw[row, 34 * col : 34 * (col + 1)]
+        assert packed[:2].view(np.float16)[0] == np.float16(d)
+        assert packed[2:].view(np.int8).tolist() == q
 
 
 def test_q8_0_perplexity_within_one_percent_of_f32(tmp_path, tokenizer):
@@ -177,7 +171,10 @@ def test_unknown_architecture_is_named(tmp_path, tokenizer):
     from transformers import GPT2Config, GPT2LMHeadModel
 
     model = GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=len(tokenizer)))
-    with pytest.raises(SlimtuneError, match=r"'gpt2'.*supported: llama, qwen2"):
+    with pytest.raises(
+        SlimtuneError,
+        match=r"'gpt2'.*supported: llama, mistral, qwen2, qwen3, gemma, gemma2, gemma3_text, phi3$",
+    ):
         export_gguf(model, tokenizer, tmp_path / "m.gguf")
     assert list(tmp_path.iterdir()) == []  # nothing half-written
 
@@ -231,7 +228,7 @@ def peft_adapter(model, path, **lora):
 def test_gguf_lora_names_shapes_alpha_and_merge(tmp_path, tokenizer, rslora):
     model = build_model("llama", len(tokenizer))
     state = {k: v.clone() for k, v in model.state_dict().items()}  # PEFT merges in place
-    base = dict(gg.model_tensors(state, model.config))
+    base = dict(ga.model_tensors(state, model.config))
     wrapped = peft_adapter(
         model,
         tmp_path / "adapter",
@@ -258,7 +255,7 @@ def test_gguf_lora_names_shapes_alpha_and_merge(tmp_path, tokenizer, rslora):
     assert lora["blk.0.attn_k.weight.lora_b"].shape == (32, 4)  # 2 kv heads of 16
     assert lora["blk.1.attn_v.weight.lora_b"].shape == (32, 2)  # rank_pattern
     # llama.cpp applies W + alpha/r * B A to the base GGUF: it must equal the merged model's GGUF
-    merged = dict(gg.model_tensors(wrapped.merge_and_unload().state_dict(), model.config))
+    merged = dict(ga.model_tensors(wrapped.merge_and_unload().state_dict(), model.config))
     for name in {n.rsplit(".", 1)[0] for n in lora}:
         a, b = lora[f"{name}.lora_a"], lora[f"{name}.lora_b"]
         applied = base[name] + 8.0 / a.shape[0] * (b @ a)

@@ -2,6 +2,7 @@
 
 slimtune export --model M --adapter RUN/adapter --format safetensors --out merged/
 slimtune export --model M --adapter RUN/adapter --format gguf --dtype q8_0 --out model.gguf
+slimtune export --model M --adapter RUN/adapter --format gguf --dtype q4_k_m --out out/
 slimtune export --model M --adapter RUN/adapter --format gguf-lora --out adapter.gguf
 """
 
@@ -65,7 +66,8 @@ def _check(args: argparse.Namespace):
     """Everything that can be refused before loading weights; returns the model's config."""
     from transformers import AutoConfig
 
-    from slimtune.export.gguf_file import gguf_architecture
+    from slimtune.export.gguf_arch import family_of
+    from slimtune.export.quantize import needs_llamacpp, require_llamacpp
     from slimtune.models import model_directory
 
     for path in output_paths(args.format, args.out):
@@ -74,9 +76,16 @@ def _check(args: argparse.Namespace):
         raise SlimtuneError("--format gguf-lora exports an adapter: give --adapter DIR")
     if args.format == "safetensors" and args.dtype is not None:
         _safetensors_dtype(args)
+    if args.dtype is not None and needs_llamacpp(args.dtype):
+        if args.format == "gguf-lora":
+            raise SlimtuneError(
+                f"--dtype {args.dtype} is for a whole model (--format gguf); gguf-lora writes "
+                "f32, f16, bf16 or q8_0"
+            )
+        require_llamacpp(args.dtype)
     config = AutoConfig.from_pretrained(model_directory(args.model))
     if args.format != "safetensors":
-        gguf_architecture(config)
+        family_of(config)
     return config
 
 

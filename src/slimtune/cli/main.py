@@ -19,6 +19,7 @@ from collections.abc import Callable, Sequence
 
 from slimtune import __version__
 from slimtune.errors import SlimtuneError
+from slimtune.export.quantize import LLAMACPP_TYPES
 from slimtune.methods.table import method_names
 
 METHODS = tuple(method_names())  # the rows of slimtune.methods.table
@@ -206,6 +207,7 @@ def _train_flags(p: argparse.ArgumentParser) -> None:
         help="pack short rows into --max-length sequences; attention never crosses rows "
         "(default: off, rows padded)",
     )
+    _objective_flags(t)
     o = g["output"]
     o.add_argument(
         "--out", metavar="RUN", help="run directory (adapter/, checkpoints, metrics); required"
@@ -218,6 +220,26 @@ def _train_flags(p: argparse.ArgumentParser) -> None:
     )
     _overwrite_flag(o, "a run")
     _quiet_flag(o)
+
+
+def _objective_flags(g: argparse._ArgumentGroup) -> None:
+    """--objective and its settings (train and eval; also YAML keys of the same names)."""
+    g.add_argument(
+        "--objective",
+        choices=("sft", "dpo", "orpo"),
+        default=None,
+        help="sft: learn the answers; dpo, orpo: prefer the chosen answer of "
+        "{prompt, chosen, rejected} rows over the rejected one (default: sft)",
+    )
+    _num(g, "--beta", "dpo: β, how far from the reference; higher: less (default: 0.1)", float)
+    g.add_argument(
+        "--dpo-loss",
+        choices=("sigmoid", "ipo"),
+        default=None,
+        help="dpo: -log σ(β·margin), or IPO's squared loss (default: sigmoid)",
+    )
+    _num(g, "--label-smoothing", "dpo: share of preferences assumed flipped (default: 0)", float)
+    _num(g, "--orpo-lambda", "orpo: weight of the odds-ratio term (default: 0.1)", float)
 
 
 def _eval_flags(p: argparse.ArgumentParser) -> None:
@@ -237,6 +259,7 @@ def _eval_flags(p: argparse.ArgumentParser) -> None:
     g["data"].add_argument("--data", required=True, metavar="FILE", help="JSONL or .txt to score")
     _num(g["data"], "--max-length", "tokens per row (default: 1024)")
     _num(g["training"], "--batch-size", "rows per forward pass (default: 8)")
+    _objective_flags(g["training"])
     g["output"].add_argument(
         "--json", default=None, metavar="FILE", help="also write the results here (default: none)"
     )
@@ -294,9 +317,12 @@ def _export_flags(p: argparse.ArgumentParser) -> None:
     o.add_argument("--out", required=True, metavar="PATH", help="file or directory to write")
     o.add_argument(
         "--dtype",
-        choices=("f32", "f16", "bf16", "q8_0"),
+        choices=("f32", "f16", "bf16", "q8_0", *LLAMACPP_TYPES),
         default=None,
-        help="weight type (default: f16 for GGUF, the source's dtype for safetensors)",
+        metavar="TYPE",
+        help="weight type: f32, f16, bf16, q8_0, or one llama.cpp's quantizer makes "
+        f"({', '.join(LLAMACPP_TYPES)}; needs the llamacpp extra) (default: f16 for GGUF, the "
+        "source's dtype for safetensors)",
     )
     _overwrite_flag(o, "an export")
 

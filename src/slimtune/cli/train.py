@@ -170,8 +170,7 @@ def run(args: argparse.Namespace) -> int:
         check_run_dir(run_options["out"], args.resume, args.overwrite)
         return distributed.launch(args)
     from slimtune.models import load_model, load_tokenizer
-    from slimtune.training.data import load_dataset
-    from slimtune.training.loop import check_run_dir, train
+    from slimtune.training.loop import check_run_dir, read_data, train
     from slimtune.training.setup import prepare_method
 
     run_options, config = resolve(args)
@@ -180,10 +179,10 @@ def run(args: argparse.Namespace) -> int:
     out = check_run_dir(run_options["out"], args.resume, args.overwrite)
     quiet_transformers(args.quiet)
     tokenizer = load_tokenizer(run_options["model"])
-    data = load_dataset(run_options["data"], tokenizer, config.max_length, quiet=args.quiet)
+    data = read_data(run_options["data"], tokenizer, config, args.quiet)  # rows, or pairs
     eval_data = None
     if run_options["eval_data"]:
-        eval_data = load_dataset(run_options["eval_data"], tokenizer, config.max_length, quiet=True)
+        eval_data = read_data(run_options["eval_data"], tokenizer, config, quiet=True)
     model, tokenizer = load_model(run_options["model"], **load_options(run_options, config))
     torch.manual_seed(config.seed)
     options = {**run_options, "base_model": str(run_options["model"])}

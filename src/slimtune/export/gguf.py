@@ -20,7 +20,12 @@ from pathlib import Path
 from slimtune.atomic import atomic_file, check_free
 from slimtune.errors import SlimtuneError
 from slimtune.export import gguf_file as gg
+from slimtune.export.gguf_arch import add_hyperparameters, family_of, model_tensors
+from slimtune.export.gguf_vocab import add_tokenizer, copy_tokenizer_fields
 from slimtune.export.ollama import modelfile
+from slimtune.export.quantize import LLAMACPP_TYPES, needs_llamacpp, quantize_gguf, require_llamacpp
+
+MODEL_DTYPES = (*gg.DTYPES, *LLAMACPP_TYPES)  # what --format gguf takes; gguf-lora: gg.DTYPES
 
 
 def _say(line: str) -> None:
@@ -60,25 +65,25 @@ def write_gguf(
     source_gguf: Path | None = None,
     say: Callable[[str], None] = _say,
 ) -> None:
-    """Write `model` (a plain Llama-family transformers model) as one GGUF file at `path`."""
+    """Write `model` (a plain transformers model of a gguf_arch.FAMILIES family) at `path`."""
     from gguf import GGUFWriter
 
     if dtype not in gg.DTYPES:
-        raise SlimtuneError(f"GGUF dtype {dtype!r} is not one of {', '.join(gg.DTYPES)}")
+        raise SlimtuneError(f"GGUF dtype {dtype!r} is not one of {', '.join(MODEL_DTYPES)}")
     config = model.config
-    arch, _ = gg.gguf_architecture(config)
+    arch = family_of(config).arch
     writer = GGUFWriter(path, arch, use_temp_file=True)  # encoded tensors spill to disk, not RAM
     writer.add_type("model")
     writer.add_name(Path(getattr(config, "_name_or_path", "") or "model").name or "model")
     writer.add_file_type(gg.file_type(dtype))
     writer.add_quantization_version(2)
-    gg.add_hyperparameters(writer, config)
+    add_hyperparameters(writer, config)
     n_vocab = model.get_input_embeddings().weight.shape[0]
     if source_gguf is not None:
-        gg.copy_tokenizer_fields(writer, source_gguf)
+        copy_tokenizer_fields(writer, source_gguf)
     else:
-        gg.add_tokenizer(writer, tokenizer, n_vocab, say)
-    gg.add_tensors(writer, gg.model_tensors(model.state_dict(), config), dtype, say)
+        add_tokenizer(writer, tokenizer, config, n_vocab, say)
+    gg.add_tensors(writer, model_tensors(model.state_dict(), config), dtype, say)
     _finish(writer)
 
 
@@ -105,11 +110,13 @@ def export_gguf(
     (DIR/Modelfile, or x.Modelfile for `out` = x.gguf).
 
     Args:
-        model: a plain (merged) Llama or Qwen2 transformers model.
-        tokenizer: its tokenizer (byte-level BPE); ignored when `source_gguf` is given.
-        dtype: f32, f16, bf16 or q8_0 for the 2-D weights (1-D norms and biases stay f32).
+        model: a plain (merged) transformers model of a family in gguf_file.ARCHITECTURES.
+        tokenizer: its tokenizer (byte-level BPE or SentencePiece); ignored with `source_gguf`.
+        dtype: f32, f16, bf16 or q8_0 for the 2-D weights (1-D norms and biases stay f32),
+            written by slimtune; or a llama.cpp type (q4_k_m, q5_k_m, q6_k, q4_0, ...: see
+            quantize.LLAMACPP_TYPES), an f16 file quantized by llama.cpp's own quantizer.
         source_gguf: the GGUF the model was loaded from; its tokenizer metadata is copied verbatim.
-        say: where the one-line notes go (a q8_0 fallback, an unknown chat template).
+        say: where the one-line notes go (a q8_0 fallback, an unknown chat template, sizes).
 
     Returns:
         The path of the GGUF file.
@@ -118,12 +125,34 @@ def export_gguf(
     model_file = modelfile_path(out)
     for target in (path, model_file):
         check_free(target, overwrite)
+    if needs_llamacpp(dtype):
+        require_llamacpp(dtype)
+    elif dtype not in gg.DTYPES:
+        raise SlimtuneError(f"GGUF dtype {dtype!r} is not one of {', '.join(MODEL_DTYPES)}")
     with atomic_file(path) as tmp:
-        write_gguf(model, tokenizer, tmp, dtype=dtype, say=say, source_gguf=source_gguf)
+        if needs_llamacpp(dtype):
+            _write_quantized(model, tokenizer, tmp, dtype, source_gguf, say)
+        else:
+            write_gguf(model, tokenizer, tmp, dtype=dtype, say=say, source_gguf=source_gguf)
     text = modelfile(f"./{path.name}", *chat_metadata(path), say)
     with atomic_file(model_file) as tmp:
         tmp.write_text(text)
     return path
+
+
+def _write_quantized(model, tokenizer, tmp: Path, dtype: str, source_gguf, say) -> None:
+    """f16 GGUF beside `tmp`, then llama.cpp's quantizer into `tmp`; says both sizes."""
+    f16 = tmp.with_name(tmp.name + ".f16")
+    try:
+        write_gguf(model, tokenizer, f16, dtype="f16", say=say, source_gguf=source_gguf)
+        quantize_gguf(f16, tmp, dtype)
+        say(f"{dtype}: {_mib(tmp)} (the f16 file it was quantized from: {_mib(f16)})")
+    finally:
+        f16.unlink(missing_ok=True)
+
+
+def _mib(path: Path) -> str:
+    return f"{path.stat().st_size / 2**20:.1f} MiB"
 
 
 def chat_metadata(path: Path) -> tuple[str | None, str | None]:
@@ -175,9 +204,14 @@ def export_gguf_lora(
 
     path = gguf_paths(out, "adapter.gguf")
     check_free(path, overwrite)
+    if dtype not in gg.DTYPES:
+        raise SlimtuneError(
+            f"--format gguf-lora writes {', '.join(gg.DTYPES)}; --dtype {dtype} is for a whole "
+            "model (--format gguf)"
+        )
     adapter_config, tensors = read_peft_lora(adapter_dir)
     alpha, lora = gg.lora_tensors(tensors, adapter_config, config)
-    arch, _ = gg.gguf_architecture(config)
+    arch = family_of(config).arch
     with atomic_file(path) as tmp:
         writer = GGUFWriter(tmp, arch)
         writer.add_type("adapter")

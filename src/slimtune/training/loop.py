@@ -38,10 +38,11 @@ from slimtune.training.checkpoints_sharded import (
 )
 from slimtune.training.data import IGNORE_INDEX, Dataset, batches_from, load_dataset
 from slimtune.training.loraplus import param_groups
-from slimtune.training.loss import causal_lm_loss
 from slimtune.training.memory import MemoryPlan, plan_memory
 from slimtune.training.neftune import neftune
 from slimtune.training.packing import pack_dataset
+from slimtune.training.preference import PreferenceData, load_preference_data, pair_batches
+from slimtune.training.preference_loss import objective_loss, preference_eval
 from slimtune.training.rundir import check_run_dir, clear_run, removed_on_failure
 from slimtune.training.runlog import MetricsLog, peak_memory_mb, plot_losses
 
@@ -94,32 +95,46 @@ def make_optimizer(params: list[nn.Parameter], config: TrainConfig) -> torch.opt
 def make_batches(data: Dataset, config: TrainConfig, pad_id: int, start: int) -> Iterator[dict]:
     """Micro-batches from number `start` on (distributed runs shard them here)."""
     data = pack_dataset(data, config.max_length) if config.packing else data  # packing.py
-    batches = batches_from(
-        data, config.batch_size, config.seed, pad_id, start, config.group_by_length
-    )
+    make = pair_batches if isinstance(data, PreferenceData) else batches_from
+    batches = make(data, config.batch_size, config.seed, pad_id, start, config.group_by_length)
     return distributed.rank_share(batches)
+
+
+def read_data(data, tokenizer, config: TrainConfig, quiet: bool):
+    """A data file read as the objective needs it: SFT rows, or preference pairs."""
+    if data is None or isinstance(data, Dataset | PreferenceData):
+        if isinstance(data, PreferenceData) != (config.objective != "sft") and data is not None:
+            kind = "preference pairs" if isinstance(data, PreferenceData) else "SFT rows"
+            raise SlimtuneError(f"{data.path} holds {kind}; objective {config.objective!r}")
+        return data
+    load = load_dataset if config.objective == "sft" else load_preference_data
+    return load(data, tokenizer, config.max_length, quiet=quiet)
 
 
 def label_count(batch: dict[str, torch.Tensor]) -> int:
     return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
 
 
-def train_step(model, micro_batches, config, device, autocast, loss_fn) -> tuple[float, int, int]:
-    """Forward and backward over the micro-batches of one step; (loss, label tokens, tokens)."""
-    n_labels = max(1, int(distributed.all_sum(sum(label_count(b) for b in micro_batches))))
-    total, tokens = 0.0, 0
+def train_step(model, micro_batches, config, device, autocast, loss_fn) -> tuple:
+    """Forward and backward over the micro-batches of one step; (loss, label tokens, tokens,
+    metrics). A preference loss averages over pairs (its `count`) and returns metric sums."""
+    count = getattr(loss_fn, "count", label_count)
+    n_labels = max(1, int(distributed.all_sum(sum(count(b) for b in micro_batches))))
+    total, tokens, sums = 0.0, 0, {}
     for i, batch in enumerate(micro_batches):
         distributed.sync_gradients(model, i == len(micro_batches) - 1)
         batch = {k: v.to(device) for k, v in batch.items()}
         ctx = torch.autocast(device.type, dtype=autocast) if autocast else contextlib.nullcontext()
         with ctx:
-            loss_sum, _ = loss_fn(model, batch, config.loss_chunk)
+            loss_sum, _, *extra = loss_fn(model, batch, config.loss_chunk)
+        for key, value in (extra[0] if extra else {}).items():
+            sums[key] = sums.get(key, 0.0) + value
         if loss_sum.requires_grad:
             (loss_sum / n_labels).backward()
         total += float(loss_sum.detach())
         tokens += int(batch["attention_mask"].sum())
     total, tokens = distributed.all_sum(total), int(distributed.all_sum(tokens))
-    return total / n_labels, n_labels, tokens
+    return total / n_labels, n_labels, tokens, {k: v / n_labels for k, v in sums.items()}
 
 
 def check_finite(loss: float, step: int, out: Path) -> None:
@@ -169,7 +184,8 @@ def train(
     overwrite: bool = False,
     quiet: bool = False,
     run_config: dict[str, Any] | None = None,
-    loss_fn: LossFn = causal_lm_loss,
+    loss_fn: LossFn | None = None,
+    objective: str | None = None,
 ) -> dict[str, Any]:
     """Train the parameters of `model` that require grad; write the run directory.
 
@@ -186,17 +202,21 @@ def train(
         overwrite: replace an existing non-empty out_dir.
         quiet: no progress bar.
         run_config: extra settings recorded in RUN/config.yaml (model, data, method …).
-        loss_fn: loss_fn(model, batch, chunk) -> (Σ token losses, label tokens).
+        loss_fn: loss_fn(model, batch, chunk) -> (Σ token losses, label tokens); default:
+            the objective's (training/preference_loss.py: objective_loss).
+        objective: "sft", "dpo" or "orpo" (default: config.objective); dpo and orpo read
+            preference pairs (training/preference.py).
 
     Returns:
         The summary (also written to RUN/summary.json).
     """
     out = check_run_dir(out_dir, resume, overwrite)
-    if not isinstance(data, Dataset):
-        data = load_dataset(data, tokenizer, config.max_length, quiet=quiet)
-    if eval_data is not None and not isinstance(eval_data, Dataset):
-        eval_data = load_dataset(eval_data, tokenizer, config.max_length, quiet=quiet)
+    if objective is not None:
+        config = dataclasses.replace(config, objective=objective)
+    data = read_data(data, tokenizer, config, quiet)
+    eval_data = read_data(eval_data, tokenizer, config, quiet)
     device, autocast = resolve_device(config)
+    loss_fn = loss_fn or objective_loss(model, config, device, quiet)
     model, loss_fn = place_model(model, device, loss_fn)
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
@@ -262,7 +282,7 @@ class _Loop:
             lr = config.lr * lr_factor(step - 1, config)
             for group in optimizer.param_groups:
                 group["lr"] = lr * group.get("lr_scale", 1.0)
-            loss, _, tokens = train_step(
+            loss, _, tokens, extra = train_step(
                 model, micro, config, self.device, self.autocast, self.loss_fn
             )
             check_finite(loss, step, self.out)
@@ -282,9 +302,14 @@ class _Loop:
             if step % config.log_every == 0 or step == config.max_steps:
                 tokens_per_s = window[0] / max(time.perf_counter() - window[1], 1e-9)
                 record = {"step": step, "loss": loss, "lr": lr, "tokens_per_s": tokens_per_s}
-                metrics.append({**record, "grad_norm": float(norm), "tokens": state["tokens"]})
+                metrics.append(
+                    {**record, **extra, "grad_norm": float(norm), "tokens": state["tokens"]}
+                )
                 window = [0, time.perf_counter()]
-            bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens_per_s:,.0f}", refresh=False)
+            shown = {"acc": f"{extra['rewards/accuracy']:.2f}"} if extra else {}
+            bar.set_postfix(
+                loss=f"{loss:.4f}", **shown, tok_s=f"{tokens_per_s:,.0f}", refresh=False
+            )
             bar.update(1)
             if self.eval_data is not None and config.eval_every and step % config.eval_every == 0:
                 metrics.append({"step": step, **self.evaluate()})
@@ -296,6 +321,11 @@ class _Loop:
     def evaluate(self) -> dict[str, float]:
         from slimtune.training.loss import dataset_loss
 
+        if isinstance(self.eval_data, PreferenceData):  # loss and rewards of held-out pairs
+            args = (self.eval_data, self.loss_fn, self.config.batch_size, self.autocast)
+            result = preference_eval(self.model, *args)
+            self.model.train()
+            return {f"eval_{key}": value for key, value in result.items()}
         with distributed.gathered_root(self.model):
             loss = dataset_loss(self.model, self.eval_data, self.config.batch_size, self.autocast)
         self.model.train()

@@ -72,6 +72,11 @@ class PreferenceData:
     def __len__(self) -> int:
         return len(self.pairs)
 
+    @property
+    def examples(self) -> list[Example]:
+        """Every tokenized side, chosen and rejected (a batch of B pairs holds 2B rows)."""
+        return [side for pair in self.pairs for side in (pair.chosen, pair.rejected)]
+
 
 # ---------------------------------------------------------------- reading and checking rows
 

@@ -27,8 +27,8 @@ from slimtune.errors import SlimtuneError
 from slimtune.training.data import IGNORE_INDEX
 from slimtune.training.logps import answer_mask, sequence_logps, token_logps
 from slimtune.training.objectives import dpo_sigmoid_loss, ipo_loss, orpo_log_odds, orpo_loss
+from slimtune.training.preference import PreferenceData, collate_pairs
 
-OBJECTIVES = ("sft", "dpo", "orpo")
 METRICS = ("rewards/chosen", "rewards/rejected", "rewards/margin", "rewards/accuracy",
            "logps/chosen", "logps/rejected")  # fmt: skip
 
@@ -43,6 +43,10 @@ class PreferenceLoss:
     dpo_loss: str = "sigmoid"  # "sigmoid" or "ipo"
     orpo_lambda: float = 0.1  # ORPO's λ
     reference: nn.Module | None = None  # a frozen copy (full fine-tuning); None: adapters off
+
+    def count(self, batch: dict[str, Tensor]) -> int:
+        """What the loop averages over: the pairs of a batch (B of its 2B rows)."""
+        return batch["input_ids"].shape[0] // 2
 
     def __call__(
         self, model: nn.Module, batch: dict[str, Tensor], chunk: int = 1024
@@ -125,13 +129,67 @@ def frozen_copy(model: nn.Module) -> nn.Module:
     return reference
 
 
-def check_reference(model: nn.Module, objective: str, has_copy: bool) -> None:
-    """DPO compares with the model before training: adapters to disable, or a copy."""
-    from slimtune.adapters.layers import adapter_layers
+def objective_loss(model: nn.Module, config, device: torch.device, quiet: bool = False):
+    """The loss the loop calls for `config.objective`: the SFT loss, or a PreferenceLoss.
 
-    if objective != "dpo" or has_copy or any(True for _ in adapter_layers(model)):
-        return
-    raise SlimtuneError(
-        "--objective dpo needs a reference model: train an adapter that can be switched off "
-        "(--method lora, qlora, dora, ia3 or adapter) or --method full (keeps a frozen copy)"
-    )
+    DPO's reference is the model with its adapters off; a model without adapters (full
+    fine-tuning) gets a frozen copy, and the run says so.
+    """
+    if config.objective == "sft":
+        from slimtune.training.loss import causal_lm_loss
+
+        return causal_lm_loss
+    from slimtune.training import distributed
+
+    if distributed.is_distributed():
+        raise SlimtuneError(f"--objective {config.objective} runs in one process (no --nproc)")
+    reference = None
+    if config.objective == "dpo" and needs_copy(model):
+        reference = frozen_copy(model).to(device)
+        if not quiet:
+            print(
+                "dpo without an adapter: a frozen copy of the model is the reference (2x weights)"
+            )
+    return PreferenceLoss(config.objective, config.beta, config.label_smoothing,
+                          config.dpo_loss, config.orpo_lambda, reference)  # fmt: skip
+
+
+def needs_copy(model: nn.Module) -> bool:
+    """True when DPO's reference must be a copy: the model has no adapter to switch off."""
+    from slimtune.adapters.layers import adapter_layers, is_adapter_layer
+
+    if any(True for _ in adapter_layers(model)):
+        return False
+    if is_adapter_layer(model):  # a soft prompt wraps the whole model and cannot be disabled
+        raise SlimtuneError(
+            "--objective dpo needs a reference model, and a soft prompt (--method prompt) "
+            "cannot be switched off: use --method lora, qlora, dora, ia3, adapter or full"
+        )
+    return True
+
+
+@torch.no_grad()
+def preference_eval(
+    model: nn.Module,
+    data: PreferenceData,
+    loss: PreferenceLoss,
+    batch_size: int = 8,
+    autocast: torch.dtype | None = None,
+    chunk: int = 1024,
+) -> dict[str, float]:
+    """Mean loss and metrics over every pair of `data`, the model in eval mode."""
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    total, sums = 0.0, {}
+    for start in range(0, len(data), batch_size):
+        batch = collate_pairs(data.pairs[start : start + batch_size], pad_id=0)
+        batch = {k: v.to(device) for k, v in batch.items()}
+        ctx = torch.autocast(device.type, dtype=autocast) if autocast else contextlib.nullcontext()
+        with ctx:
+            loss_sum, _, stats = loss(model, batch, chunk)
+        total += float(loss_sum)
+        for key, value in stats.items():
+            sums[key] = sums.get(key, 0.0) + value
+    model.train(was_training)
+    return {"loss": total / len(data), **{key: value / len(data) for key, value in sums.items()}}
