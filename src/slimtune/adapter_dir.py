@@ -97,6 +97,15 @@ def _adapter_dir(path: str | os.PathLike) -> Path:
             f"adapter {directory} is a file; give the directory holding {CONFIG_NAME}"
         )
     if not (directory / CONFIG_NAME).is_file():
+        if (directory / "adapter" / CONFIG_NAME).is_file():  # a run directory
+            raise SlimtuneError(
+                f"{directory} is a run directory; its adapter is {directory / 'adapter'}"
+            )
+        if (directory / "config.json").is_file():  # what a full fine-tuning run saves
+            raise SlimtuneError(
+                f"{directory} holds a whole model (config.json), not an adapter: full "
+                f"fine-tuning saves one; use it as --model {directory}, without --adapter"
+            )
         raise SlimtuneError(f"adapter directory {directory} has no {CONFIG_NAME}")
     return directory
 
@@ -123,7 +132,8 @@ def _weights_file(directory: Path) -> Path:
         raise SlimtuneError(
             f"{p} is a pickled file, which slimtune never loads (it can run code); convert it once "
             'with: python -c "import torch, safetensors.torch as s; '
-            f"s.save_file(torch.load('{p.name}', weights_only=True), '{WEIGHTS_NAME}')\""
+            f"s.save_file(torch.load('{p.absolute()}', weights_only=True), "
+            f"'{p.absolute().parent / WEIGHTS_NAME}')\""
         )
     raise SlimtuneError(f"adapter directory {directory} has no {WEIGHTS_NAME}")
 

@@ -75,10 +75,15 @@ def resolve_model_path(spec: str | os.PathLike) -> Path:
 
 
 def refuse_pickle(path: Path) -> SlimtuneError:
+    """The refusal names a command that writes the file loading wants (DIR/model.safetensors,
+    with transformers' format metadata; tied weights are copied apart)."""
+    source, target = path.absolute(), path.absolute().parent / "model.safetensors"
     return SlimtuneError(
         f"{path} is a pickled file, which slimtune never loads (it can run code); convert it "
         'once with: python -c "import torch, safetensors.torch as s; '
-        f"s.save_file(torch.load('{path.name}', weights_only=True), '{path.stem}.safetensors')\""
+        f"s.save_file({{k: v.clone() for k, v in torch.load('{source}', weights_only=True)"
+        f".items()}}, '{target}', metadata={{'format': 'pt'}})\" and give --model "
+        f"{target.parent}"
     )
 
 
