@@ -46,7 +46,7 @@ def records(run):
 
 def train_argv(model_dir, data, out, *extra):
     return ["train", "--model", str(model_dir), "--data", str(data), "--out", str(out),
-            "--batch-size", "4", "--quiet", "--target-modules", "all-linear", *extra]  # fmt: skip
+            "--batch-size", "4", "--quiet", *extra]  # fmt: skip
 
 
 def plain_rewards(model_dir, adapter, data, beta):

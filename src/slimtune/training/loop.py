@@ -45,6 +45,7 @@ from slimtune.training.preference import PreferenceData, load_preference_data, p
 from slimtune.training.preference_loss import objective_loss, preference_eval
 from slimtune.training.rundir import check_run_dir, clear_run, removed_on_failure
 from slimtune.training.runlog import MetricsLog, peak_memory_mb, plot_losses
+from slimtune.training.tensorboard import reporters
 
 SaveFn = Callable[[nn.Module, Path], Any]
 LossFn = Callable[[nn.Module, dict[str, torch.Tensor], int], tuple[torch.Tensor, int]]
@@ -236,6 +237,8 @@ def train(
             write_yaml(out / "config.yaml", {**(run_config or {}), **dataclasses.asdict(config)})
         metrics = distributed.metrics_log(out / "metrics.jsonl")
         state = start_state(out, model, optimizer, resume, metrics)
+        if distributed.is_main():  # --report-to tensorboard (tensorboard.py)
+            metrics.sinks += reporters(config.report_to, out, state["step"])
         run = _Loop(
             model, tokenizer, data, config, out, device, autocast, loss_fn, eval_data, quiet
         )
@@ -301,7 +304,8 @@ class _Loop:
             window[0] += tokens
             if step % config.log_every == 0 or step == config.max_steps:
                 tokens_per_s = window[0] / max(time.perf_counter() - window[1], 1e-9)
-                record = {"step": step, "loss": loss, "lr": lr, "tokens_per_s": tokens_per_s}
+                record = {"step": step, "loss": loss, "lr": lr, "tokens_per_s": tokens_per_s,
+                          "memory_mb": peak_memory_mb(self.device)}  # fmt: skip
                 metrics.append(
                     {**record, **extra, "grad_norm": float(norm), "tokens": state["tokens"]}
                 )

@@ -13,22 +13,35 @@ import resource
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
 from slimtune.atomic import write_text_atomic
 
 
+class Sink(Protocol):
+    """Somewhere else a record goes (tensorboard.py's TensorBoardLog)."""
+
+    def append(self, record: dict[str, Any]) -> None: ...
+
+
 class MetricsLog:
-    """RUN/metrics.jsonl: one JSON object per logged step (and per evaluation)."""
+    """RUN/metrics.jsonl: one JSON object per logged step (and per evaluation).
+
+    Every record also goes to each of `sinks` (`--report-to tensorboard`). An objective
+    logs extra scalars by putting them in its records: `{"step": 3, "rewards/margin": …}`.
+    """
 
     def __init__(self, path: Path) -> None:
         self.path = path
+        self.sinks: list[Sink] = []
 
     def append(self, record: dict[str, Any]) -> None:
         with self.path.open("a", encoding="utf-8") as handle:
             handle.write(json.dumps(record) + "\n")
+        for sink in self.sinks:
+            sink.append(record)
 
     def records(self) -> list[dict[str, Any]]:
         if not self.path.is_file():
