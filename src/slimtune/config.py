@@ -198,39 +198,6 @@ def _check_objective(config: Any) -> None:
     for key in ("packing", "neftune_alpha"):  # rows of SFT data; DPO's reference is noise-free
         if getattr(config, key) and config.objective != "sft":
             raise _fail(name, key, getattr(config, key), "it applies to objective 'sft' only")
-
-OBJECTIVES = ("sft", "dpo", "orpo")
-# each preference setting: (the objective it belongs to, its default)
-PREFERENCE_SETTINGS = {"beta": ("dpo", 0.1), "dpo_loss": ("dpo", "sigmoid"),
-                       "label_smoothing": ("dpo", 0.0), "orpo_lambda": ("orpo", 0.1)}  # fmt: skip
-
-
-def _check_objective(config: Any) -> None:
-    """The objective and its settings; a setting of another objective is an error, not ignored."""
-    name = type(config).__name__
-    if config.objective not in OBJECTIVES:
-        raise _fail(name, "objective", config.objective, "'sft', 'dpo' or 'orpo'")
-    if config.dpo_loss not in ("sigmoid", "ipo"):
-        raise _fail(name, "dpo_loss", config.dpo_loss, "'sigmoid' or 'ipo'")
-    ranges = {
-        "beta": (lambda x: x > 0, "a number > 0"),
-        "label_smoothing": (lambda x: 0 <= x < 0.5, "a number in [0, 0.5)"),
-        "orpo_lambda": (lambda x: x >= 0, "a number >= 0"),
-    }
-    for key, (ok, accepted) in ranges.items():
-        value = getattr(config, key)
-        if isinstance(value, bool) or not isinstance(value, int | float) or not ok(value):
-            raise _fail(name, key, value, accepted)
-    for key, (objective, default) in PREFERENCE_SETTINGS.items():
-        value = getattr(config, key)
-        if value != default and config.objective != objective:
-            raise _fail(name, key, value, f"it applies to objective {objective!r} only")
-    if config.label_smoothing and config.dpo_loss != "sigmoid":
-        accepted = "it applies to dpo_loss 'sigmoid' only"
-        raise _fail(name, "label_smoothing", config.label_smoothing, accepted)
-    for key in ("packing", "neftune_alpha"):  # rows of SFT data; DPO's reference is noise-free
-        if getattr(config, key) and config.objective != "sft":
-            raise _fail(name, key, getattr(config, key), "it applies to objective 'sft' only")
 REPORT_TO = ("none", "tensorboard")
 
 
@@ -278,11 +245,6 @@ class TrainConfig:
     dpo_loss: Literal["sigmoid", "ipo"] = "sigmoid"  # DPO's -log σ(βΔ), or IPO's square
     label_smoothing: float = 0.0  # cDPO's ε in [0, 0.5): the share of flipped preferences
     orpo_lambda: float = 0.1  # ORPO's λ: the weight of the odds-ratio term beside the SFT loss
-    objective: Literal["sft", "dpo", "orpo"] = "sft"  # sft: next tokens; dpo, orpo: pairs
-    beta: float = 0.1  # DPO's β: how far the policy may move from the reference (IPO's τ)
-    dpo_loss: Literal["sigmoid", "ipo"] = "sigmoid"  # DPO's -log σ(βΔ), or IPO's square
-    label_smoothing: float = 0.0  # cDPO's ε in [0, 0.5): the share of flipped preferences
-    orpo_lambda: float = 0.1  # ORPO's λ: the weight of the odds-ratio term beside the SFT loss
     checkpointing: str = "auto"  # auto|all|none|offload|F: layers recomputed (training/memory.py)
     gpu_memory: float | None = None  # GiB the auto plan may use (None: 90% of free GPU memory)
     optim: Literal["adamw", "paged", "8bit"] = "adamw"  # AdamW, paged to CPU, or 8-bit states
@@ -316,7 +278,6 @@ class TrainConfig:
         if float(self.weight_decay) < 0 or float(self.max_grad_norm) < 0:
             key = "weight_decay" if float(self.weight_decay) < 0 else "max_grad_norm"
             raise _fail(name, key, getattr(self, key), "a number >= 0")
-        _check_objective(self)
         _check_objective(self)
         if not _checkpointing_ok(self.checkpointing):
             raise _fail(
