@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -315,6 +316,7 @@ def main() -> None:
     for spec in args.runs.split(","):
         impl, method, *rest = spec.split(":")
         out = args.workdir / "runs" / spec.replace(":", "-")
+        shutil.rmtree(out, ignore_errors=True)  # an old metrics.jsonl would end the start clock
         out.parent.mkdir(parents=True, exist_ok=True)
         if impl == "slim":
             cmd = slim_command(
