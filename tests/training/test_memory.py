@@ -148,3 +148,27 @@ def test_auto_plan_keeps_the_peak_within_the_budget_gpu(make_tiny_llama_dir, tmp
     plan = summary["memory"]
     assert 0 < plan["recomputed"] < 8 and not plan["offload"], (peaks, plan)
     assert summary["peak_memory_mb"] / 1024 <= budget * 1.02, (peaks, plan)
+
+
+def test_command_line_flags_reach_the_plan(tiny_llama_dir, tmp_path, capsys):
+    """--checkpointing / --optim from the command line: recorded in config.yaml and
+    summary.json, printed once; a bad value is one line naming the flag, nothing written."""
+    import yaml
+
+    from slimtune.cli.main import main
+
+    data = _rows_file(tmp_path)
+    out = tmp_path / "run"
+    common = ["train", "--model", str(tiny_llama_dir), "--data", str(data), "--max-steps", "2",
+              "--save-every", "0"]  # fmt: skip
+    assert main([*common, "--out", str(out), "--checkpointing", "0.5", "--optim", "paged"]) == 0
+    printed = capsys.readouterr().out
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["memory"]["recomputed"] == 1 and summary["memory"]["optim"] == "paged"
+    assert printed.count("recompute 1/2 layers") == 1
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    assert (saved["checkpointing"], saved["optim"]) == ("0.5", "paged")
+    assert main([*common, "--out", str(tmp_path / "bad"), "--checkpointing", "most"]) != 0
+    err = capsys.readouterr().err.strip()
+    assert "--checkpointing" in err and "most" in err and "\n" not in err
+    assert not (tmp_path / "bad").exists()

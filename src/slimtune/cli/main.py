@@ -208,6 +208,7 @@ def _train_flags(p: argparse.ArgumentParser) -> None:
         "(default: off, rows padded)",
     )
     _objective_flags(t)
+    _memory_flags(t)
     o = g["output"]
     o.add_argument(
         "--out", metavar="RUN", help="run directory (adapter/, checkpoints, metrics); required"
@@ -220,6 +221,25 @@ def _train_flags(p: argparse.ArgumentParser) -> None:
     )
     _overwrite_flag(o, "a run")
     _quiet_flag(o)
+
+
+def _memory_flags(g: argparse._ArgumentGroup) -> None:
+    """GPU memory: recomputation, its budget and the optimizer's state (training/memory.py)."""
+    g.add_argument(
+        "--checkpointing",
+        default=None,
+        metavar="auto|all|none|offload|F",
+        help="decoder layers recomputed in backward: all, none, offload (all, inputs in CPU "
+        "memory), a share F in (0, 1), or auto: on a GPU as many as --gpu-memory needs, "
+        "measured on step 1 (default: auto; on the CPU auto is none)",
+    )
+    _num(g, "--gpu-memory", "GiB the auto plan may use (default: 90%% of free GPU memory)", float)
+    g.add_argument(
+        "--optim",
+        choices=("adamw", "paged", "8bit"),
+        default=None,
+        help="AdamW with fp32 state, paged to CPU memory, or in 8 bits (default: adamw)",
+    )
 
 
 def _objective_flags(g: argparse._ArgumentGroup) -> None:
