@@ -171,6 +171,7 @@ def run(args: argparse.Namespace) -> int:
         run_options, _ = resolve(args)
         check_run_dir(run_options["out"], args.resume, args.overwrite)
         return distributed.launch(args)
+    from slimtune.cli.run_config import recorded_options
     from slimtune.models import load_model, load_tokenizer
     from slimtune.training.loop import check_run_dir, read_data, train
     from slimtune.training.setup import prepare_method
@@ -192,7 +193,8 @@ def run(args: argparse.Namespace) -> int:
         model, save_fn = prepare_method(model, run_options["method"], options)
     summary = train(
         model, tokenizer, data, config, out, save_fn=save_fn, eval_data=eval_data,
-        resume=args.resume, overwrite=args.overwrite, quiet=args.quiet, run_config=run_options,
+        resume=args.resume, overwrite=args.overwrite, quiet=args.quiet,
+        run_config=recorded_options(model, run_options),  # resolved, absolute (run_config.py)
     )  # fmt: skip
     if not args.quiet:
         print(report(summary, out))
