@@ -198,9 +198,9 @@ def _check_objective(config: Any) -> None:
     for key in ("packing", "neftune_alpha"):  # rows of SFT data; DPO's reference is noise-free
         if getattr(config, key) and config.objective != "sft":
             raise _fail(name, key, getattr(config, key), "it applies to objective 'sft' only")
+
+
 REPORT_TO = ("none", "tensorboard")
-
-
 OPTIMS = ("adamw", "paged", "8bit")
 CHECKPOINTING = ("auto", "all", "none", "offload")
 

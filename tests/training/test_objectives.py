@@ -118,7 +118,9 @@ def test_dpo_loss_gradients_and_rewards_equal_trl(case, tiny_llama_dir, tmp_path
 
     assert pairs == len(rows)
     assert abs(float(loss_sum.detach()) / pairs - float(loss.detach())) < 1e-5
-    assert abs(float(loss.detach())) > 1e-3 and logged["rewards/margins"] != 0.0  # not a trivial case
+    assert (
+        abs(float(loss.detach())) > 1e-3 and logged["rewards/margins"] != 0.0
+    )  # not a trivial case
     assert_close_grads(model, theirs)
     for ours_name, trl_name in [("rewards/chosen", "rewards/chosen"),
                                 ("rewards/rejected", "rewards/rejected"),
