@@ -11,7 +11,14 @@ pytest.importorskip("triton")
 from transformers import LlamaConfig  # noqa: E402
 from transformers.models.llama.modeling_llama import LlamaMLP, LlamaRMSNorm  # noqa: E402
 
-from slimtune.kernels.llama_ops import patch_llama, rms_norm, rope, silu_mul, unpatch_rope  # noqa: E402
+from slimtune.kernels.llama_ops import (  # noqa: E402
+    gelu_mul,
+    patch_llama,
+    rms_norm,
+    rope,
+    silu_mul,
+    unpatch_rope,
+)
 
 CUDA = torch.cuda.is_available()
 
@@ -31,6 +38,34 @@ def _check_norm(rows, d, device, dtype, tol):
     y = rms_norm(x, norm.weight, 1e-5)
     (dx,) = torch.autograd.grad(y, x, dy)
     assert y.dtype == dtype and _rel(y, ref) < tol and _rel(dx, ref_dx) < tol
+
+
+def _check_gemma_norm(rows, d, device, dtype, tol):
+    from transformers.models.gemma.modeling_gemma import GemmaRMSNorm
+
+    g = torch.Generator().manual_seed(rows * d)
+    norm = GemmaRMSNorm(d, eps=1e-6).to(device, dtype).requires_grad_(False)
+    norm.weight.copy_((torch.rand(d, generator=g) - 0.5).to(device, dtype))  # 1 + w around 1
+    x = (torch.randn(rows, d, generator=g) * 3).to(device, dtype).requires_grad_(True)
+    dy = torch.randn(rows, d, generator=g).to(device, dtype)
+    ref = norm(x)
+    (ref_dx,) = torch.autograd.grad(ref, x, dy)
+    y = rms_norm(x, norm.weight, 1e-6, gemma=True)
+    (dx,) = torch.autograd.grad(y, x, dy)
+    assert y.dtype == dtype and _rel(y, ref) < tol and _rel(dx, ref_dx) < tol
+
+
+def _check_geglu(shape, device, dtype, tol):
+    g = torch.Generator().manual_seed(sum(shape) + 1)
+    a, b = (torch.randn(shape, generator=g).to(device, dtype).requires_grad_(True) for _ in "ab")
+    dh = torch.randn(shape, generator=g).to(device, dtype)
+    ref = torch.nn.functional.gelu(a, approximate="tanh") * b
+    ref_grads = torch.autograd.grad(ref, (a, b), dh)
+    h = gelu_mul(a, b)
+    grads = torch.autograd.grad(h, (a, b), dh)
+    assert _rel(h, ref) < tol
+    for got, want in zip(grads, ref_grads, strict=True):
+        assert _rel(got, want) < tol
 
 
 def _check_swiglu(shape, device, dtype, tol):
@@ -81,6 +116,22 @@ def test_rms_norm_interpreter(rows, d):
 
 def test_silu_mul_interpreter():
     _check_swiglu((3, 700), "cpu", torch.float32, 1e-5)
+
+
+@pytest.mark.parametrize("rows,d", [(3, 64), (5, 100)])
+def test_gemma_rms_norm_interpreter(rows, d):
+    _check_gemma_norm(rows, d, "cpu", torch.float32, 1e-5)
+
+
+def test_gelu_mul_interpreter():
+    _check_geglu((3, 700), "cpu", torch.float32, 1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+def test_gemma_norm_and_geglu_gpu():
+    _check_gemma_norm(8192, 2304, "cuda", torch.bfloat16, 1e-2)
+    _check_geglu((8192, 9216), "cuda", torch.bfloat16, 1e-2)
 
 
 def test_patch_llama_keeps_the_reference_on_cpu():

@@ -1,18 +1,22 @@
-"""Triton RMSNorm and SwiGLU for frozen Llama-style blocks (the elementwise part of a step).
+"""Triton RMSNorm, SwiGLU/GeGLU and RoPE for frozen decoder blocks (the elementwise part of a step).
 
-RMSNorm (Zhang & Sennrich 2019, arXiv:1910.07467) and SwiGLU (Shazeer 2020,
-arXiv:2002.05202), computed as transformers' Llama modules compute them, one pass each:
+RMSNorm (Zhang & Sennrich 2019, arXiv:1910.07467), SwiGLU and GeGLU (Shazeer 2020,
+arXiv:2002.05202), computed as transformers' modules compute them, one pass each:
 
-    rmsnorm:  r = 1 / sqrt(mean(x²) + eps)   (fp32),   y = w · bf16(x · r)
-              dx = r · (g w - x̂ · mean(g w x̂)),   x̂ = x · r            (w frozen: no dw)
+    rmsnorm:  r = 1 / sqrt(mean(x²) + eps)   (fp32),   y = w · bf16(x · r)     Llama, Mistral,
+              dx = r · (g w - x̂ · mean(g w x̂)),   x̂ = x · r            Qwen2/3, Phi-3
+    gemma:    y = bf16(x̂ · (1 + w)) in fp32, dx as above with w -> 1 + w   Gemma 1/2/3
     swiglu:   h = bf16(silu(a)) · b,   silu(a) = a · σ(a)
               db = dh · silu(a),   da = dh · b · σ(a) (1 + a (1 - σ(a)))
+    geglu:    h = bf16(gelu_tanh(a)) · b,  gelu_tanh(a) = a/2 · (1 + tanh(k (a + 0.044715 a³)))
+              da = dh · b · (½ (1 + t) + ½ a (1 - t²) k (1 + 3 · 0.044715 a²)),  k = √(2/π)
 
 transformers' versions upcast, square, reduce, scale and cast in separate kernels and
 keep several fp32 intermediates for backward; these read and write each tensor once and
 keep only their inputs (plus one fp32 per row). `patch_llama(model)` routes the model's
-RMSNorm and MLP modules through them for CUDA tensors; elsewhere, and for a trainable
-norm weight, the modules' own forward (the reference twin) runs.
+RMSNorm and MLP modules through them for CUDA tensors where the family's math is the one
+above (`FAMILY_NORMS`, SiLU or tanh-GELU gates); elsewhere, and for a trainable norm weight,
+the modules' own forward (the reference twin) runs.
 """
 
 from __future__ import annotations
@@ -30,25 +34,35 @@ if triton is not None:
     # Row sums use tl.reduce with the standard sum: tl.sum itself is a @jit helper, which
     # Triton's interpreter can only call when TRITON_INTERPRET was set before importing triton.
     @triton.jit
-    def _rmsnorm_fwd(x_ptr, w_ptr, y_ptr, rstd_ptr, d, eps, BLOCK: tl.constexpr):
+    def _rmsnorm_fwd(
+        x_ptr, w_ptr, y_ptr, rstd_ptr, d, eps, BLOCK: tl.constexpr, GEMMA: tl.constexpr
+    ):
         row = tl.program_id(0).to(tl.int64)
         cols = tl.arange(0, BLOCK)
         mask = cols < d
         x = tl.load(x_ptr + row * d + cols, mask=mask, other=0.0).to(tl.float32)
         rstd = 1.0 / tl.sqrt(tl.reduce(x * x, 0, tl.standard._sum_combine) / d + eps)
-        n = (x * rstd).to(y_ptr.dtype.element_ty).to(tl.float32)
+        n = x * rstd
         w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+        if GEMMA:  # (x̂ · (1 + w)) rounded once
+            w = w + 1.0
+        else:  # w · bf16(x̂)
+            n = n.to(y_ptr.dtype.element_ty).to(tl.float32)
         tl.store(y_ptr + row * d + cols, (w * n).to(y_ptr.dtype.element_ty), mask=mask)
         tl.store(rstd_ptr + row, rstd)
 
     @triton.jit
-    def _rmsnorm_bwd(g_ptr, x_ptr, w_ptr, rstd_ptr, dx_ptr, d, BLOCK: tl.constexpr):
+    def _rmsnorm_bwd(
+        g_ptr, x_ptr, w_ptr, rstd_ptr, dx_ptr, d, BLOCK: tl.constexpr, GEMMA: tl.constexpr
+    ):
         row = tl.program_id(0).to(tl.int64)
         cols = tl.arange(0, BLOCK)
         mask = cols < d
         x = tl.load(x_ptr + row * d + cols, mask=mask, other=0.0).to(tl.float32)
         g = tl.load(g_ptr + row * d + cols, mask=mask, other=0.0).to(tl.float32)
         w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+        if GEMMA:
+            w = w + 1.0
         rstd = tl.load(rstd_ptr + row)
         xhat = x * rstd
         gw = g * w
@@ -76,6 +90,31 @@ if triton is not None:
         tl.store(db_ptr + idx, (dh * act).to(db_ptr.dtype.element_ty), mask=mask)
         da = dh * b * s * (1.0 + a * (1.0 - s))
         tl.store(da_ptr + idx, da.to(da_ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _geglu_fwd(a_ptr, b_ptr, h_ptr, n, BLOCK: tl.constexpr):
+        idx = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        mask = idx < n
+        a = tl.load(a_ptr + idx, mask=mask, other=0.0).to(tl.float32)
+        b = tl.load(b_ptr + idx, mask=mask, other=0.0).to(tl.float32)
+        z = 0.7978845608028654 * (a + 0.044715 * a * a * a)
+        t = 1.0 - 2.0 / (1.0 + tl.exp(2.0 * z))  # tanh(z)
+        act = (0.5 * a * (1.0 + t)).to(h_ptr.dtype.element_ty).to(tl.float32)
+        tl.store(h_ptr + idx, (act * b).to(h_ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _geglu_bwd(dh_ptr, a_ptr, b_ptr, da_ptr, db_ptr, n, BLOCK: tl.constexpr):
+        idx = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        mask = idx < n
+        dh = tl.load(dh_ptr + idx, mask=mask, other=0.0).to(tl.float32)
+        a = tl.load(a_ptr + idx, mask=mask, other=0.0).to(tl.float32)
+        b = tl.load(b_ptr + idx, mask=mask, other=0.0).to(tl.float32)
+        z = 0.7978845608028654 * (a + 0.044715 * a * a * a)
+        t = 1.0 - 2.0 / (1.0 + tl.exp(2.0 * z))
+        tl.store(db_ptr + idx, (dh * 0.5 * a * (1.0 + t)).to(db_ptr.dtype.element_ty), mask=mask)
+        dz = 0.7978845608028654 * (1.0 + 3.0 * 0.044715 * a * a)
+        dact = 0.5 * (1.0 + t) + 0.5 * a * (1.0 - t * t) * dz
+        tl.store(da_ptr + idx, (dh * b * dact).to(da_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
     def _rope_kernel(
@@ -120,15 +159,17 @@ _SWIGLU_BLOCK = 1024
 
 class _RMSNorm(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    def forward(ctx, x: Tensor, weight: Tensor, eps: float, gemma: bool) -> Tensor:
         x2 = x.reshape(-1, x.shape[-1]).contiguous()  # (T, d)
         rows, d = x2.shape
         y = torch.empty_like(x2)
         rstd = torch.empty(rows, dtype=torch.float32, device=x.device)
         block = triton.next_power_of_2(d)
         warps = 8 if block >= 4096 else 4
-        _launch(_rmsnorm_fwd, x, (rows,), x2, weight, y, rstd, d, eps, BLOCK=block, num_warps=warps)
+        _launch(_rmsnorm_fwd, x, (rows,), x2, weight, y, rstd, d, eps,
+                BLOCK=block, GEMMA=gemma, num_warps=warps)  # fmt: skip
         ctx.save_for_backward(x2, weight, rstd)
+        ctx.gemma = gemma
         return y.view(x.shape)
 
     @staticmethod
@@ -139,18 +180,23 @@ class _RMSNorm(torch.autograd.Function):
         dx = torch.empty_like(x2)
         block = triton.next_power_of_2(d)
         warps = 8 if block >= 4096 else 4
-        _launch(_rmsnorm_bwd, g, (rows,), g, x2, weight, rstd, dx, d, BLOCK=block, num_warps=warps)
-        return dx.view(grad.shape), None, None
+        _launch(_rmsnorm_bwd, g, (rows,), g, x2, weight, rstd, dx, d,
+                BLOCK=block, GEMMA=ctx.gemma, num_warps=warps)  # fmt: skip
+        return dx.view(grad.shape), None, None, None
 
 
-class _SwiGLU(torch.autograd.Function):
+class _GatedUnit(torch.autograd.Function):
+    """h = act(a) · b with act SiLU (SwiGLU) or tanh-GELU (GeGLU)."""
+
     @staticmethod
-    def forward(ctx, a: Tensor, b: Tensor) -> Tensor:
+    def forward(ctx, a: Tensor, b: Tensor, gelu: bool) -> Tensor:
         a, b = a.contiguous(), b.contiguous()
         h = torch.empty_like(a)
         grid = (triton.cdiv(a.numel(), _SWIGLU_BLOCK),)
-        _launch(_swiglu_fwd, a, grid, a, b, h, a.numel(), BLOCK=_SWIGLU_BLOCK)
+        kernel = _geglu_fwd if gelu else _swiglu_fwd
+        _launch(kernel, a, grid, a, b, h, a.numel(), BLOCK=_SWIGLU_BLOCK)
         ctx.save_for_backward(a, b)
+        ctx.gelu = gelu
         return h
 
     @staticmethod
@@ -159,8 +205,9 @@ class _SwiGLU(torch.autograd.Function):
         dh = dh.contiguous()
         da, db = torch.empty_like(a), torch.empty_like(b)
         grid = (triton.cdiv(a.numel(), _SWIGLU_BLOCK),)
-        _launch(_swiglu_bwd, a, grid, dh, a, b, da, db, a.numel(), BLOCK=_SWIGLU_BLOCK)
-        return da, db
+        kernel = _geglu_bwd if ctx.gelu else _swiglu_bwd
+        _launch(kernel, a, grid, dh, a, b, da, db, a.numel(), BLOCK=_SWIGLU_BLOCK)
+        return da, db, None
 
 
 def _rope_launch(x: Tensor, cos: Tensor, sin: Tensor, backward: bool) -> Tensor:
@@ -200,28 +247,65 @@ def rope(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor
     return _RoPE.apply(q, k, cos.contiguous(), sin.contiguous())
 
 
-def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
-    """Llama's RMSNorm with a frozen weight, as one Triton kernel each way."""
-    return _RMSNorm.apply(x, weight, eps)
+def rms_norm(x: Tensor, weight: Tensor, eps: float, gemma: bool = False) -> Tensor:
+    """RMSNorm with a frozen weight, as one Triton kernel each way: Llama's w · bf16(x̂), or
+    with `gemma` Gemma's bf16(x̂ · (1 + w))."""
+    return _RMSNorm.apply(x, weight, eps, gemma)
 
 
 def silu_mul(a: Tensor, b: Tensor) -> Tensor:
     """silu(a) · b (Llama's MLP activation) as one Triton kernel each way."""
-    return _SwiGLU.apply(a, b)
+    return _GatedUnit.apply(a, b, False)
 
 
-_NORMS = {"LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm"}  # w · bf16(x · rstd), same math
+def gelu_mul(a: Tensor, b: Tensor) -> Tensor:
+    """gelu_tanh(a) · b (Gemma's MLP activation) as one Triton kernel each way."""
+    return _GatedUnit.apply(a, b, True)
+
+
+# RMSNorm classes by their math: Llama's w · bf16(x̂) (eps in variance_epsilon), or Gemma's
+# bf16(x̂ · (1 + w)) in fp32 (eps in eps). Others keep their own forward.
+FAMILY_NORMS = {
+    "LlamaRMSNorm": False, "MistralRMSNorm": False, "Qwen2RMSNorm": False,
+    "Qwen3RMSNorm": False, "Phi3RMSNorm": False,
+    "GemmaRMSNorm": True, "Gemma2RMSNorm": True, "Gemma3RMSNorm": True,
+}  # fmt: skip
 
 
 def _norm_forward(self, x: Tensor) -> Tensor:
     if kernels_enabled(x) and not self.weight.requires_grad:
-        return rms_norm(x, self.weight, self.variance_epsilon)
+        gemma = FAMILY_NORMS[type(self).__name__]
+        eps = self.eps if gemma else self.variance_epsilon
+        return rms_norm(x, self.weight, eps, gemma)
     return type(self).forward(self, x)
+
+
+def _gate_kind(act: nn.Module) -> bool | None:
+    """False: SiLU gate; True: tanh-approximated GELU gate; None: another activation."""
+    if isinstance(act, nn.SiLU) or type(act).__name__ == "SiLUActivation":
+        return False
+    if isinstance(act, nn.GELU) and act.approximate == "tanh":
+        return True
+    fn = getattr(act, "act", None)  # transformers' GELUTanh holds partial(gelu, approximate=tanh)
+    if type(act).__name__ == "PytorchGELUTanh" and fn is None:  # older transformers
+        return True
+    if type(act).__name__ == "GELUTanh" and getattr(fn, "keywords", {}) == {"approximate": "tanh"}:
+        return True
+    return None
 
 
 def _mlp_forward(self, x: Tensor) -> Tensor:
     if kernels_enabled(x):
-        return self.down_proj(silu_mul(self.gate_proj(x), self.up_proj(x)))
+        gate = gelu_mul if _gate_kind(self.act_fn) else silu_mul
+        return self.down_proj(gate(self.gate_proj(x), self.up_proj(x)))
+    return type(self).forward(self, x)
+
+
+def _fused_gate_up_forward(self, x: Tensor) -> Tensor:
+    """Phi-3's MLP: one gate_up projection, chunked, up · silu(gate)."""
+    if kernels_enabled(x):
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(silu_mul(gate, up))
     return type(self).forward(self, x)
 
 
@@ -232,6 +316,7 @@ def _fast_rope_for(original):
     def apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1, **kwargs):
         dim = q.shape[-1]
         usable = unsqueeze_dim == 1 and not kwargs and q.dim() == 4 and cos.dim() == 3
+        usable = usable and cos.shape[-1] == q.shape[-1] == k.shape[-1]  # no partial rotary
         if usable and kernels_enabled(q) and dim // 2 & (dim // 2 - 1) == 0 and q.stride(-1) == 1:
             return rope(q, k, cos, sin)
         return original(q, k, cos, sin, unsqueeze_dim, **kwargs)
@@ -277,14 +362,15 @@ def patch_llama(model: nn.Module) -> int:
             patch_rope(module)
             break
     for module in model.modules():
-        if type(module).__name__ in _NORMS:
+        if type(module).__name__ in FAMILY_NORMS:
             module.forward = types.MethodType(_norm_forward, module)
             count += 1
         elif all(hasattr(module, n) for n in ("gate_proj", "up_proj", "down_proj", "act_fn")):
-            if (
-                isinstance(module.act_fn, nn.SiLU)
-                or type(module.act_fn).__name__ == "SiLUActivation"
-            ):
+            if _gate_kind(module.act_fn) is not None:
                 module.forward = types.MethodType(_mlp_forward, module)
+                count += 1
+        elif all(hasattr(module, n) for n in ("gate_up_proj", "down_proj", "activation_fn")):
+            if _gate_kind(module.activation_fn) is False:
+                module.forward = types.MethodType(_fused_gate_up_forward, module)
                 count += 1
     return count
