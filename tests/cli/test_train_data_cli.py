@@ -58,3 +58,21 @@ def test_train_on_alpaca_and_sharegpt_files(tiny_llama_dir, tmp_path, capsys, na
     config = (out / "config.yaml").read_text()
     assert "neftune_alpha: 5.0" in config if flags else "neftune_alpha: 0.0" in config
     assert (out / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_chat_template_for_a_base_model_is_saved_and_merged(make_tiny_llama_dir, tmp_path, capsys):
+    from transformers import AutoTokenizer
+
+    from slimtune.training.templates import CHATML
+
+    base = make_tiny_llama_dir()
+    (base / "chat_template.jinja").unlink()  # a base model: no chat template
+    out = tmp_path / "run"
+    assert train(base, DOCS / "alpaca.jsonl", out, "--quiet") == 1
+    assert "--chat-template" in capsys.readouterr().err
+    assert train(base, DOCS / "alpaca.jsonl", out, "--quiet", "--chat-template", "chatml") == 0
+    assert (out / "adapter" / "chat_template.jinja").read_text() == CHATML
+    merged = tmp_path / "merged"
+    argv = ["merge", "--model", str(base), "--adapter", str(out / "adapter"), "--out", str(merged)]
+    assert main(argv) == 0
+    assert AutoTokenizer.from_pretrained(merged).chat_template == CHATML

@@ -32,8 +32,10 @@ def load_for_inference(
         quantize_model(model, record["quant"], skip=record.get("skip", ["lm_head"]), **settings)
     if adapter is not None:
         from slimtune.adapter_dir import load_adapter
+        from slimtune.training.templates import adapter_chat_template
 
         model = load_adapter(model, adapter)
+        adapter_chat_template(tokenizer, adapter)  # trained with --chat-template
     model.eval()
     return model, tokenizer
 
@@ -126,7 +128,11 @@ def run(args: argparse.Namespace) -> int:
     objective = objective_config(args)  # --objective and its settings, checked
     if objective.objective != "sft":
         return run_preference(args, objective, max_length)
-    data = load_for_eval(Path(args.data), load_tokenizer(args.model), max_length, args.quiet)
+    from slimtune.training.templates import adapter_chat_template
+
+    data_tokenizer = load_tokenizer(args.model)
+    adapter_chat_template(data_tokenizer, args.adapter)  # as trained (--chat-template)
+    data = load_for_eval(Path(args.data), data_tokenizer, max_length, args.quiet)
     model, tokenizer = load_for_inference(args.model, args.adapter, args.quant, args.force)
     result = evaluate(
         model, tokenizer, data, max_length=max_length, batch_size=args.batch_size or 8

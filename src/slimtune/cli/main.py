@@ -147,6 +147,13 @@ def _train_flags(p: argparse.ArgumentParser) -> None:
         "--max-length",
         "tokens per row; longer rows are cut, .txt is packed to it (default: 512)",
     )
+    g["data"].add_argument(
+        "--chat-template",
+        default=None,
+        metavar="NAME",
+        help="chatml, llama3 or FILE.jinja: renders chat rows, saved with the adapter "
+        "(default: the model's own)",
+    )
     m = g["method"]
     m.add_argument("--method", choices=METHODS, default=None, help="what trains (default: lora)")
     _num(m, "--rank", "lora, qlora, dora: rank r (default: 8)")

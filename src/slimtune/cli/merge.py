@@ -83,12 +83,14 @@ def merged_model(model_spec: str, adapter_dir: str | Path, into: str = "trained"
     """(plain merged model in the source dtype, tokenizer or None)."""
     from slimtune.adapter_dir import load_adapter, read_adapter_config, read_adapter_tensors
     from slimtune.adapters.named import merge_and_unload
+    from slimtune.training.templates import adapter_chat_template
 
     config_json = read_adapter_config(adapter_dir)
     read_adapter_tensors(
         adapter_dir
     )  # a corrupt or pickled file is refused before loading the model
     model, tokenizer, dtype = _load_base(model_spec, config_json.get("task_type"))
+    adapter_chat_template(tokenizer, adapter_dir)  # trained with --chat-template
     model = prepare_base(model, adapter_dir, into)
     model = merge_and_unload(load_adapter(model, adapter_dir))
     return model.to(dtype), tokenizer

@@ -27,7 +27,7 @@ from slimtune.errors import SlimtuneError
 
 RUN_KEYS = ("model", "data", "eval_data", "out", "method", "rank", "alpha", "dropout",
             "target_modules", "quant", "num_virtual_tokens", "prompt_init",
-            "bottleneck_size")  # fmt: skip
+            "bottleneck_size", "chat_template")  # fmt: skip
 TRAIN_KEYS = tuple(f.name for f in dataclasses.fields(TrainConfig))
 FLAG_ONLY = ("resume", "overwrite", "quiet", "config", "nproc", "command")
 
@@ -175,6 +175,7 @@ def run(args: argparse.Namespace) -> int:
     from slimtune.models import load_model, load_tokenizer
     from slimtune.training.loop import check_run_dir, read_data, train
     from slimtune.training.setup import prepare_method
+    from slimtune.training.templates import saving_chat_template, use_chat_template
 
     run_options, config = resolve(args)
     if distributed.init_from_env(config.device) and not distributed.is_main():
@@ -182,6 +183,8 @@ def run(args: argparse.Namespace) -> int:
     out = check_run_dir(run_options["out"], args.resume, args.overwrite)
     quiet_transformers(args.quiet)
     tokenizer = load_tokenizer(run_options["model"])
+    spec = run_options["chat_template"]  # --chat-template (training/templates.py)
+    template = use_chat_template(tokenizer, spec) if spec else None
     data = read_data(run_options["data"], tokenizer, config, args.quiet)  # rows, or pairs
     eval_data = None
     if run_options["eval_data"]:
@@ -191,6 +194,9 @@ def run(args: argparse.Namespace) -> int:
     options = {**run_options, "base_model": str(run_options["model"])}
     with naming_sources(args):
         model, save_fn = prepare_method(model, run_options["method"], options)
+    if template:  # the loop's tokenizer renders with it; it is saved beside the weights
+        tokenizer.chat_template = template
+        save_fn = saving_chat_template(save_fn, template)
     summary = train(
         model, tokenizer, data, config, out, save_fn=save_fn, eval_data=eval_data,
         resume=args.resume, overwrite=args.overwrite, quiet=args.quiet,
