@@ -186,3 +186,21 @@ def test_llamacpp_types_without_the_extra_say_how_to_install(
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "--dtype q4_k_m" in err and "slimtune[llamacpp]" in err
     assert not out.exists()
+
+
+def test_ollama_format_writes_gguf_and_modelfile_and_prints_the_commands(tmp_path, adapted, capsys):
+    model_dir, adapter_dir, reference = adapted
+    out = tmp_path / "My Model"
+    assert _export("--model", model_dir, "--adapter", adapter_dir, "--format", "ollama",
+                   "--dtype", "f32", "--out", out) == 0  # fmt: skip
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines == [
+        f"wrote {out / 'model.gguf'}",
+        f"ollama create my-model -f '{out / 'Modelfile'}'",
+        "ollama run my-model",
+    ]
+    modelfile = (out / "Modelfile").read_text()
+    assert modelfile.startswith("FROM ./model.gguf\n") and "TEMPLATE" in modelfile
+    back, _ = gguf_model(out / "model.gguf")
+    ids = build_bpe_tokenizer()(HELD_OUT, return_tensors="pt").input_ids
+    assert (logits(back, ids) - reference).abs().max() <= 1e-4

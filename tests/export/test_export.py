@@ -32,7 +32,6 @@ from slimtune.export import gguf_arch as ga
 from slimtune.export import gguf_file as gg
 from slimtune.export.gguf import export_gguf, export_gguf_lora
 from slimtune.export.merged import export_safetensors
-from slimtune.export.ollama import modelfile
 
 
 @pytest.fixture(scope="module")
@@ -154,17 +153,19 @@ def test_gguf_metadata_carries_tokenizer_and_chat_template(tmp_path, tokenizer):
     assert fields["llama.rope.dimension_count"].contents() == 16
 
 
-def test_modelfile_translates_chatml(tmp_path, tokenizer):
+def test_modelfile_beside_the_gguf_carries_its_chat_template(tmp_path, tokenizer):
+    """The Modelfile is made from what the GGUF states (template, BOS/EOS, add_bos); its Go
+    template is checked against Jinja in test_ollama.py."""
+    from slimtune.export.ollama import chat_turns, go_template
+
     model = build_model("qwen2", len(tokenizer))
     export_gguf(model, tokenizer, tmp_path, dtype="f16")
     text = (tmp_path / "Modelfile").read_text()
     assert text.startswith("FROM ./model.gguf\n")
-    assert '{{ end }}<|im_start|>assistant\n"""' in text
+    turns = chat_turns(CHAT_TEMPLATE, "<|im_start|>", "<|im_end|>", add_bos=False)
+    assert f'TEMPLATE """{go_template(turns)}"""' in text
     assert f'SYSTEM """{SYSTEM}"""' in text
-    assert 'PARAMETER stop "<|im_end|>"' in text and 'PARAMETER stop "<|im_start|>"' in text
-    said: list[str] = []
-    other = modelfile("./m.gguf", "{{ messages[0]['content'] }}", "</s>", said.append)
-    assert "TEMPLATE" not in other and 'PARAMETER stop "</s>"' in other and len(said) == 1
+    assert 'PARAMETER stop "<|im_end|>"' in text and 'PARAMETER stop "<|im_start|>user"' in text
 
 
 def test_unknown_architecture_is_named(tmp_path, tokenizer):

@@ -4,6 +4,7 @@ slimtune export --model M --adapter RUN/adapter --format safetensors --out merge
 slimtune export --model M --adapter RUN/adapter --format gguf --dtype q8_0 --out model.gguf
 slimtune export --model M --adapter RUN/adapter --format gguf --dtype q4_k_m --out out/
 slimtune export --model M --adapter RUN/adapter --format gguf-lora --out adapter.gguf
+slimtune export --model M --adapter RUN/adapter --format ollama --dtype q4_k_m --out my-model/
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import torch
 
 from slimtune.atomic import check_free
 from slimtune.errors import SlimtuneError
-from slimtune.export.gguf import export_gguf, export_gguf_lora, output_paths
+from slimtune.export.gguf import export_gguf, export_gguf_lora, ollama_commands, output_paths
 from slimtune.export.merged import export_safetensors
 
 SAFETENSORS_DTYPES = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
@@ -95,7 +96,7 @@ def run(args: argparse.Namespace) -> int:
         path = export_gguf_lora(
             args.adapter, config, args.out, dtype=args.dtype or "f16", overwrite=args.overwrite
         )
-    elif args.format == "gguf":
+    elif args.format in ("gguf", "ollama"):
         model, tokenizer = merged_model(args.model, args.adapter)
         model.float()  # the GGUF encodings start from fp32
         path = export_gguf(
@@ -111,4 +112,6 @@ def run(args: argparse.Namespace) -> int:
         model.to(_safetensors_dtype(args))
         path = export_safetensors(model, tokenizer, args.out, overwrite=args.overwrite)
     print(f"wrote {path}")
+    if args.format == "ollama":
+        print("\n".join(ollama_commands(args.out)))
     return 0

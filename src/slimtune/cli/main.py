@@ -336,10 +336,11 @@ def _export_flags(p: argparse.ArgumentParser) -> None:
     o = g["output"]
     o.add_argument(
         "--format",
-        choices=("safetensors", "gguf", "gguf-lora"),
+        choices=("safetensors", "gguf", "gguf-lora", "ollama"),
         required=True,
         help="safetensors: a merged transformers directory; gguf: one merged file for "
-        "llama.cpp/Ollama; gguf-lora: the adapter alone for llama.cpp's --lora",
+        "llama.cpp/Ollama; gguf-lora: the adapter alone for llama.cpp's --lora; ollama: the "
+        "GGUF and its Modelfile, and the ollama commands to run it",
     )
     o.add_argument("--out", required=True, metavar="PATH", help="file or directory to write")
     o.add_argument(

@@ -48,9 +48,23 @@ def output_paths(fmt: str, out: str | os.PathLike) -> list[Path]:
     """Every path an export of format `fmt` to `out` writes (to check before any work)."""
     if fmt == "safetensors":
         return [Path(out)]
-    if fmt == "gguf":
+    if fmt in ("gguf", "ollama"):
         return [gguf_paths(out, "model.gguf"), modelfile_path(out)]
     return [gguf_paths(out, "adapter.gguf")]
+
+
+def ollama_commands(out: str | os.PathLike) -> list[str]:
+    """`ollama create NAME -f Modelfile` and `ollama run NAME` for an export to `out`."""
+    import re
+    import shlex
+
+    out = Path(out)
+    stem = out.stem if out.suffix == ".gguf" else out.resolve().name
+    name = re.sub(r"[^a-z0-9._-]+", "-", stem.lower()).strip("-._") or "model"
+    return [
+        f"ollama create {name} -f {shlex.quote(str(modelfile_path(out)))}",
+        f"ollama run {name}",
+    ]
 
 
 # --- GGUF model ---------------------------------------------------------------------------
@@ -134,7 +148,7 @@ def export_gguf(
             _write_quantized(model, tokenizer, tmp, dtype, source_gguf, say)
         else:
             write_gguf(model, tokenizer, tmp, dtype=dtype, say=say, source_gguf=source_gguf)
-    text = modelfile(f"./{path.name}", *chat_metadata(path), say)
+    text = modelfile(f"./{path.name}", say=say, **chat_metadata(path))
     with atomic_file(model_file) as tmp:
         tmp.write_text(text)
     return path
@@ -155,17 +169,28 @@ def _mib(path: Path) -> str:
     return f"{path.stat().st_size / 2**20:.1f} MiB"
 
 
-def chat_metadata(path: Path) -> tuple[str | None, str | None]:
-    """(chat template, end-of-sequence token) as a GGUF file states them."""
+def chat_metadata(path: Path) -> dict:
+    """The Modelfile's inputs as a GGUF file states them: chat template, EOS and BOS text,
+    whether llama.cpp adds BOS itself."""
     from gguf import GGUFReader
 
     fields = GGUFReader(path).fields
-    template = fields.get("tokenizer.chat_template")
-    eos_id = fields.get("tokenizer.ggml.eos_token_id")
-    eos = None
-    if eos_id is not None and "tokenizer.ggml.tokens" in fields:
-        eos = fields["tokenizer.ggml.tokens"].contents(int(eos_id.contents()))
-    return (None if template is None else template.contents()), eos
+
+    def value(key: str):
+        return fields[key].contents() if key in fields else None
+
+    def token(kind: str) -> str | None:
+        token_id = value(f"tokenizer.ggml.{kind}_token_id")
+        tokens = fields.get("tokenizer.ggml.tokens")
+        return None if token_id is None or tokens is None else tokens.contents(int(token_id))
+
+    add_bos = value("tokenizer.ggml.add_bos_token")
+    return {
+        "jinja": value("tokenizer.chat_template"),
+        "eos_token": token("eos"),
+        "bos_token": token("bos"),
+        "add_bos": value("tokenizer.ggml.model") == "llama" if add_bos is None else bool(add_bos),
+    }
 
 
 # --- GGUF LoRA adapter --------------------------------------------------------------------
