@@ -60,5 +60,10 @@ test-browser: $(STAMP)
 		$$( [ "$$(id -u)" = 0 ] || echo sudo ) apt-get install -y -q chromium; }
 	SLIMTUNE_UI_SCREENSHOTS=docs/ui $(BIN)/python -m pytest -q -ra -m browser tests/ui
 
+# the fuzz tests (tests/fuzz) with 20 times the examples `make test` runs, new ones each time
+.PHONY: fuzz
+fuzz: $(STAMP)
+	SLIMTUNE_FUZZ=long $(BIN)/python -m pytest -q -ra tests/fuzz
+
 clean:
 	rm -rf $(VENV) runs build *.egg-info src/*.egg-info

@@ -17,17 +17,19 @@ from __future__ import annotations
 
 import json
 import os
+import types
+import typing
 from pathlib import Path
 from typing import Any
 
-from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from slimtune.adapters.named import active_adapter, adapter_configs
 from slimtune.atomic import prepare_out_dir, write_atomic_dir
 from slimtune.errors import SlimtuneError
-from slimtune.methods.table import export_adapter, load_adapter_contents
+from slimtune.file_checks import check_safetensors, load_safetensors, read_json_file
+from slimtune.methods.table import export_adapter, load_adapter_contents, method_for_json
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -113,10 +115,7 @@ def _adapter_dir(path: str | os.PathLike) -> Path:
 def read_adapter_config(path: str | os.PathLike) -> dict[str, Any]:
     """The adapter_config.json of an adapter directory, as a dict."""
     file = _adapter_dir(path) / CONFIG_NAME
-    try:
-        data = json.loads(file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise SlimtuneError(f"{file} is not valid JSON ({exc})") from exc
+    data = read_json_file(file, "adapter config")
     if not isinstance(data, dict):
         raise SlimtuneError(f"{file} must hold a JSON object")
     return data
@@ -141,24 +140,14 @@ def _weights_file(directory: Path) -> Path:
 def read_adapter_metadata(path: str | os.PathLike) -> dict[str, str]:
     """The safetensors header metadata of an adapter directory (without "format")."""
     file = _weights_file(_adapter_dir(path))
-    try:
-        with safe_open(str(file), "pt") as handle:
-            meta = dict(handle.metadata() or {})
-    except (SafetensorError, OSError) as exc:
-        raise SlimtuneError(f"{file} is not a readable safetensors file ({exc})") from exc
+    meta = dict(check_safetensors(file).get("__metadata__") or {})
     meta.pop("format", None)
     return meta
 
 
 def read_adapter_tensors(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict[str, str]]:
     """(tensors, header metadata) of an adapter directory; a corrupt file is a SlimtuneError."""
-    file = _weights_file(_adapter_dir(path))
-    try:
-        with safe_open(str(file), "pt") as handle:
-            meta = dict(handle.metadata() or {})
-            tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118
-    except (SafetensorError, OSError, RuntimeError, ValueError) as exc:
-        raise SlimtuneError(f"{file} is truncated or not a safetensors file ({exc})") from exc
+    tensors, meta = load_safetensors(_weights_file(_adapter_dir(path)))
     meta.pop("format", None)
     return tensors, meta
 
@@ -173,4 +162,57 @@ def load_adapter(
     """
     config_json = read_adapter_config(path)
     tensors, metadata = read_adapter_tensors(path)
-    return load_adapter_contents(model, adapter_name, config_json, tensors, metadata)
+    try:
+        check_config_json(Path(path) / CONFIG_NAME, config_json, tensors)
+        return load_adapter_contents(model, adapter_name, config_json, tensors, metadata)
+    except SlimtuneError as exc:
+        raise SlimtuneError(f"adapter {path}: {exc}") from None
+
+
+# ----------------------------------------------------------------------------- checking
+
+SIZE_FIELDS = ("r", "num_virtual_tokens", "token_dim", "bottleneck_size", "rank_pattern")
+
+
+def check_config_json(file: Path, config_json: dict[str, Any], tensors: dict[str, Tensor]) -> None:
+    """Each field has its config's type, and no size exceeds every tensor dimension in the file
+    (so a damaged `r` cannot make the loader allocate a huge layer before the shapes are read)."""
+    config_type = method_for_json(config_json).config_type
+    hints = typing.get_type_hints(config_type) if config_type is not None else {}
+    for key, value in config_json.items():
+        if key in hints and not _fits(value, hints[key]):
+            shown = json.dumps(value)[:40]
+            raise SlimtuneError(f"{file}: {key}={shown} is not accepted (expected {hints[key]})")
+    largest = max((max(t.shape, default=1) for t in tensors.values()), default=0)
+    for key in SIZE_FIELDS:
+        value = config_json.get(key)
+        sizes = value.values() if isinstance(value, dict) else [value]
+        too_big = [v for v in sizes if isinstance(v, int) and v > largest]
+        if too_big:
+            raise SlimtuneError(
+                f"{file}: {key}={too_big[0]} exceeds every tensor dimension in {WEIGHTS_NAME} "
+                f"({largest}); the two files do not belong together"
+            )
+
+
+def _fits(value: Any, hint: Any) -> bool:
+    """Whether a JSON value has the type `hint` (unknown kinds of hint are left to the config)."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_fits(value, arg) for arg in args)
+    if origin is typing.Literal:
+        return any(value == arg and type(value) is type(arg) for arg in args)
+    if hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint in (int, float):
+        number = (int, float) if hint is float else int
+        return isinstance(value, number) and not isinstance(value, bool)
+    if hint is str:
+        return isinstance(value, str)
+    if origin in (list, tuple):
+        return isinstance(value, list) and all(_fits(v, args[0]) for v in value)
+    if origin is dict:
+        return isinstance(value, dict) and all(_fits(v, args[1]) for v in value.values())
+    return True

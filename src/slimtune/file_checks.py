@@ -151,7 +151,7 @@ class _Cursor:
     def take(self, n: int, what: str) -> bytes:
         if n > self.size - self.pos:
             raise SlimtuneError(
-                f"{self.path} is truncated or not a GGUF file ({what} at byte {self.pos} "
+                f"{self.path} is truncated or damaged ({what} at byte {self.pos} "
                 f"needs {n:,} bytes; {self.size - self.pos:,} are left)"
             )
         self.pos += n
@@ -235,3 +235,17 @@ def _tensor_info(cur: _Cursor) -> tuple[str, list[int], int, int]:
     dims = [cur.unpack("<Q", f"tensor {name!r}") for _ in range(n_dims)]
     kind, offset = cur.unpack("<I", f"tensor {name!r}"), cur.unpack("<Q", f"tensor {name!r}")
     return name, dims, kind, offset
+
+
+def load_safetensors(path: Path) -> tuple[dict[str, Any], dict[str, str]]:
+    """(tensors, header metadata) of a safetensors file whose header was checked first."""
+    from safetensors import SafetensorError, safe_open
+
+    check_safetensors(path)
+    try:
+        with safe_open(str(path), "pt") as handle:
+            metadata = dict(handle.metadata() or {})
+            tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118
+    except (SafetensorError, OSError, RuntimeError, ValueError) as exc:
+        raise SlimtuneError(f"{path} is truncated or damaged ({exc})") from None
+    return tensors, metadata

@@ -15,6 +15,8 @@ from typing import Any, Protocol, runtime_checkable
 from torch import nn
 from torch.nn import ModuleDict
 
+from slimtune.errors import SlimtuneError
+
 
 @runtime_checkable
 class AdapterLayer(Protocol):
@@ -143,6 +145,8 @@ def wrap_modules_to_save(
     """Wrap every module whose name ends with an entry of `module_names` (PEFT's _set_trainable)."""
     if not module_names:
         return
+    if not all(isinstance(target, str) and target for target in module_names):
+        raise SlimtuneError(f"modules_to_save={module_names!r}: give non-empty module names")
     for name, module in list(model.named_modules(remove_duplicate=False)):
         if not name or not any(name.endswith(target) for target in module_names):
             continue

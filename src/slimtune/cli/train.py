@@ -24,6 +24,7 @@ import torch
 from slimtune.cli.applies import check_train_options
 from slimtune.config import TrainConfig
 from slimtune.errors import SlimtuneError
+from slimtune.file_checks import read_text_file
 
 RUN_KEYS = ("model", "data", "eval_data", "out", "method", "rank", "alpha", "dropout",
             "target_modules", "quant", "num_virtual_tokens", "prompt_init",
@@ -38,7 +39,9 @@ def read_yaml(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise SlimtuneError(f"--config {path} does not exist")
     try:
-        loaded = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        loaded = yaml.safe_load(read_text_file(path, "--config")) or {}
+    except RecursionError:
+        raise SlimtuneError(f"{path}: nested too deeply to be a config file") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         line = f":{mark.line + 1}" if mark else ""

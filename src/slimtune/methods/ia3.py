@@ -230,7 +230,8 @@ def load_ia3(model: nn.Module, adapter_name: str, config_json, tensors, metadata
     from slimtune.adapters.peft_keys import PEFT_PREFIX, config_from_json, copy_adapter_tensors
     from slimtune.methods.table import add_adapter
 
-    data = {k: sorted(v) if isinstance(v, list) else v for k, v in config_json.items()}
+    strings = lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v)  # noqa: E731
+    data = {k: sorted(v) if strings(v) else v for k, v in config_json.items()}
     config = config_from_json(IA3Config, data, known=PEFT_IA3_FIELDS)
     model = add_adapter(model, config, adapter_name)
     expected = {

@@ -18,6 +18,7 @@ Since the layouts are identical, loading is a re-labelling: no value is recomput
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Mapping
 
 import torch
@@ -36,6 +37,62 @@ def _unpack_json(t: Tensor) -> dict:
     return json.loads(bytes(t.reshape(-1).tolist()).decode("utf-8"))
 
 
+DTYPES = ("float32", "float16", "bfloat16")
+
+
+def _checked_meta(key: str, packed: Tensor) -> dict:
+    """The quant_state JSON of `key`, its fields checked for type and range."""
+    try:
+        meta = _unpack_json(packed.contiguous().view(torch.uint8))
+    except (UnicodeDecodeError, ValueError, RecursionError, RuntimeError):
+        raise SlimtuneError(f"{key}: not a bitsandbytes quant_state (bad JSON)") from None
+    shape = meta.get("shape") if isinstance(meta, dict) else None
+    if (
+        not isinstance(meta, dict)
+        or meta.get("quant_type") not in ("nf4", "fp4")
+        or meta.get("blocksize") not in BLOCKSIZES
+        or isinstance(meta.get("blocksize"), bool)
+        or meta.get("dtype") not in DTYPES
+        or not isinstance(shape, list)
+        or not 1 <= len(shape) <= 4
+        or not all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in shape)
+    ):
+        raise SlimtuneError(
+            f"{key}: quant_state needs quant_type nf4|fp4, blocksize in {BLOCKSIZES}, "
+            f"dtype in {DTYPES} and a shape of positive ints; it has {json.dumps(meta)[:120]}"
+        )
+    if "nested_offset" in meta and not isinstance(meta["nested_offset"], int | float):
+        raise SlimtuneError(f"{key}: quant_state nested_offset is not a number")
+    return meta
+
+
+def _check_sizes(where: str, meta: dict, state_dict: Mapping[str, Tensor]) -> None:
+    """Each stored tensor holds exactly the elements the quant_state's shape needs."""
+    n = math.prod(meta["shape"])
+    blocks = -(-n // meta["blocksize"])
+    nested = f"{where}.nested_absmax" in state_dict
+    sizes = {where: (-(-n // 2), None), f"{where}.absmax": (blocks, torch.uint8 if nested else None),
+             f"{where}.quant_map": (16, None)}  # fmt: skip
+    if nested:
+        sizes |= {f"{where}.nested_absmax": (-(-blocks // NESTED_BLOCKSIZE), None),
+                  f"{where}.nested_quant_map": (256, None)}  # fmt: skip
+    for key, (count, dtype) in sizes.items():
+        tensor = state_dict.get(key)
+        if tensor is None:
+            raise SlimtuneError(f"{key} is missing from the bitsandbytes checkpoint")
+        if key == where:
+            ok = tensor.numel() * tensor.element_size() == count  # codes: bytes, any storage
+        else:
+            ok = tensor.numel() == count and (
+                tensor.dtype == dtype if dtype else tensor.dtype.is_floating_point
+            )
+        if not ok:
+            raise SlimtuneError(
+                f"{key}: {tuple(tensor.shape)} {tensor.dtype} does not fit the quant_state "
+                f"(shape {meta['shape']}, blocksize {meta['blocksize']})"
+            )
+
+
 def _pack_json(d: dict) -> Tensor:
     return torch.tensor(list(json.dumps(d).encode("utf-8")), dtype=torch.uint8)
 
@@ -47,10 +104,13 @@ def bnb_4bit_prefixes(state_dict: Mapping[str, Tensor]) -> list[str]:
 
 def quant_state_from_bnb(prefix: str, state_dict: Mapping[str, Tensor]) -> QuantState4bit:
     """The QuantState4bit of module `prefix` from its bitsandbytes entries."""
-    (packed_key,) = [k for k in state_dict if k.startswith(prefix + PACKED_KEY)]
-    meta = _unpack_json(state_dict[packed_key])
+    packed = [k for k in state_dict if k.startswith(prefix + PACKED_KEY)]
+    if len(packed) != 1:
+        raise SlimtuneError(f"{prefix}.weight has {len(packed)} quant_state entries; 1 expected")
+    meta = _checked_meta(packed[0], state_dict[packed[0]])
     quant_type, blocksize = meta["quant_type"], meta["blocksize"]
     where = f"{prefix}.weight"
+    _check_sizes(where, meta, state_dict)
     if quant_type not in ("nf4", "fp4") or blocksize not in BLOCKSIZES:
         raise SlimtuneError(
             f"{where}: quant_type {quant_type!r} / blocksize {blocksize} not supported"
@@ -85,12 +145,24 @@ def load_bnb_4bit(model: nn.Module, state_dict: Mapping[str, Tensor]) -> nn.Modu
         state = quant_state_from_bnb(prefix, state_dict)
         bias = state_dict.get(f"{prefix}.bias")
         parent_name, _, child = prefix.rpartition(".")
-        parent = model.get_submodule(parent_name)
-        setattr(parent, child, QuantLinear(state, bias))
+        try:
+            old = model.get_submodule(prefix)
+        except AttributeError:
+            raise SlimtuneError(f"{prefix}.weight: the model has no module {prefix}") from None
+        if not isinstance(old, nn.Linear) or tuple(old.weight.shape) != tuple(state.shape):
+            raise SlimtuneError(
+                f"{prefix}.weight: shape {list(state.shape)} in the checkpoint, the model's "
+                f"layer is {getattr(old, 'weight', None) is not None and list(old.weight.shape)}"
+            )
+        setattr(model.get_submodule(parent_name), child, QuantLinear(state, bias))
         used |= {k for k in state_dict if k.startswith(prefix + ".weight") or k == f"{prefix}.bias"}
         states.append(state)
     rest = {k: v for k, v in state_dict.items() if k not in used}
-    missing, unexpected = model.load_state_dict(rest, strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(rest, strict=False)
+    except RuntimeError as exc:  # a tensor whose shape does not fit
+        first = str(exc).strip().splitlines()[-1].strip()
+        raise SlimtuneError(f"bitsandbytes checkpoint does not fit the model: {first}") from None
     tied = set(getattr(model, "_tied_weights_keys", None) or [])
     missing = [k for k in missing if not _is_quant_buffer(k, prefixes) and k not in tied]
     if unexpected or missing:

@@ -24,10 +24,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from slimtune.errors import SlimtuneError
+from slimtune.file_checks import load_safetensors, read_json_file
 
 STEP_DIR = re.compile(r"^step-(\d+)$")
 
@@ -124,7 +125,8 @@ def latest_checkpoint(run_dir: Path) -> Path:
 
 def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
     """Load trainable weights, optimizer and RNG states in place; return the saved state."""
-    weights = load_file(str(path / "trainable.safetensors"))
+    state = read_state(path)
+    weights, _ = load_safetensors(path / "trainable.safetensors")
     params = dict(model.named_parameters())
     missing = [n for n, p in params.items() if p.requires_grad and n not in weights]
     if missing or any(n not in params for n in weights):
@@ -132,12 +134,107 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
             f"checkpoint {path} does not match the model's trainable parameters "
             f"(e.g. {(missing or sorted(set(weights) - set(params)))[0]}); resume with the same settings"
         )
+    for name, tensor in weights.items():
+        if tensor.shape != params[name].shape or not tensor.dtype.is_floating_point:
+            raise SlimtuneError(
+                f"checkpoint {path}: {name} is {tuple(tensor.shape)} {tensor.dtype} in the file, "
+                f"the model's is {tuple(params[name].shape)}; resume with the same settings"
+            )
     with torch.no_grad():
         for name, tensor in weights.items():
             params[name].copy_(tensor)
-    state = json.loads((path / "state.json").read_text())
-    restore_optimizer(optimizer, load_file(str(path / "optimizer.safetensors")), state["optimizer"])
-    restore_rng(load_file(str(path / "rng.safetensors")))
+    opt_tensors, _ = load_safetensors(path / "optimizer.safetensors")
+    restore_optimizer_checked(path, optimizer, opt_tensors, state["optimizer"])
+    rng, _ = load_safetensors(path / "rng.safetensors")
+    restore_rng_checked(path, rng)
     for leftover in path.parent.glob(".tmp-*"):
         shutil.rmtree(leftover, ignore_errors=True)
     return state
+
+
+STATE_FIELDS = {"step": int, "micro_batches": int, "tokens": int, "elapsed_s": (int, float)}
+
+
+def read_state(path: Path) -> dict[str, Any]:
+    """A checkpoint's state.json, with the fields resume needs checked for type and sign."""
+    file = path / "state.json"
+    state = read_json_file(file, "checkpoint state")
+    if not isinstance(state, dict):
+        raise SlimtuneError(f"{file}: not a JSON object; the checkpoint is damaged")
+    state.setdefault("tokens", 0)
+    state.setdefault("elapsed_s", 0.0)
+    for key, kind in STATE_FIELDS.items():
+        value = state.get(key)
+        if not isinstance(value, kind) or isinstance(value, bool) or value < 0:
+            raise SlimtuneError(
+                f"{file}: {key}={value!r} is not a count; the checkpoint is damaged"
+            )
+    optimizer = state.get("optimizer", {"param_groups": [], "scalars": {}})
+    if not (
+        isinstance(optimizer, dict)
+        and isinstance(optimizer.get("param_groups"), list)
+        and all(isinstance(g, dict) for g in optimizer["param_groups"])
+        and isinstance(optimizer.get("scalars"), dict)
+    ):
+        raise SlimtuneError(f"{file}: 'optimizer' is damaged (param_groups, scalars)")
+    return state
+
+
+def restore_optimizer_checked(path: Path, optimizer, tensors: dict, rest: dict) -> None:
+    """restore_optimizer, with a damaged or foreign optimizer state as one SlimtuneError."""
+    keys = list(tensors) + list(rest["scalars"])
+    count = sum(len(g["params"]) for g in optimizer.param_groups)
+    bad = [k for k in keys if not re.fullmatch(r"\d+\.\w+", k) or int(k.split(".")[0]) >= count]
+    bad += [k for k, v in tensors.items() if not v.dtype.is_floating_point]
+    if bad:
+        raise SlimtuneError(f"{path / 'optimizer.safetensors'}: entry {bad[0]!r} does not fit")
+    saved_groups = rest["param_groups"]
+    if len(saved_groups) != len(optimizer.param_groups) or any(
+        not _same_kinds(saved, live)
+        for saved, live in zip(saved_groups, optimizer.param_groups, strict=False)
+    ):
+        raise SlimtuneError(f"{path / 'state.json'}: optimizer.param_groups do not fit this run")
+    try:
+        restore_optimizer(optimizer, tensors, rest)
+    except (KeyError, ValueError, TypeError, IndexError) as exc:
+        raise SlimtuneError(
+            f"checkpoint {path}: its optimizer state does not fit this run ({exc!r})"
+        ) from None
+    groups = [p for g in optimizer.param_groups for p in g["params"]]
+    for index, values in optimizer.state.items():
+        param = groups[index] if isinstance(index, int) else index
+        for name, value in values.items():
+            if torch.is_tensor(value) and value.dim() and value.shape != param.shape:
+                raise SlimtuneError(
+                    f"checkpoint {path}: optimizer {name} does not fit its parameter"
+                )
+
+
+def _same_kinds(saved: dict, live: dict) -> bool:
+    """A saved param group has the live one's keys with values of the same kinds."""
+
+    def kind(value: Any) -> str:
+        if isinstance(value, bool) or value is None or isinstance(value, str):
+            return type(value).__name__
+        if isinstance(value, int | float) or torch.is_tensor(value):
+            return "number"
+        if isinstance(value, list | tuple):
+            return "list:" + ",".join(kind(v) for v in value)
+        return type(value).__name__
+
+    if saved.keys() != live.keys() or len(saved["params"]) != len(live["params"]):
+        return False
+    return all(kind(saved[k]) == kind(live[k]) for k in saved if k != "params") and all(
+        isinstance(i, int) and not isinstance(i, bool) for i in saved["params"]
+    )
+
+
+def restore_rng_checked(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    current = torch.get_rng_state()
+    found = tensors.get("torch")
+    if found is None or found.dtype != torch.uint8 or found.shape != current.shape:
+        raise SlimtuneError(f"{path / 'rng.safetensors'}: no valid 'torch' generator state")
+    try:
+        restore_rng(tensors)
+    except RuntimeError as exc:
+        raise SlimtuneError(f"{path / 'rng.safetensors'}: not a generator state ({exc})") from None

@@ -26,11 +26,12 @@ import warnings
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from slimtune.config import TrainConfig
 from slimtune.errors import SlimtuneError
+from slimtune.file_checks import load_safetensors
 from slimtune.training import checkpoints as checkpoint
 from slimtune.training.distributed import barrier, is_distributed, is_main, rank, world_size
 
@@ -102,7 +103,7 @@ def _load_dcp(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer) ->
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import set_state_dict
 
-    state = json.loads((path / "state.json").read_text())
+    state = checkpoint.read_state(path)
     loaded = _state_dicts(model, optimizer)
     _check_matches(path, loaded["model"])
     with warnings.catch_warnings():  # DCP warns that it loads in one process: we meant that
@@ -112,7 +113,9 @@ def _load_dcp(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer) ->
                    optim_state_dict=loaded["optim"], options=_options())  # fmt: skip
     own = path / f"rng-{rank()}.safetensors"
     same_world = state.get("world_size") == world_size() and own.is_file()
-    checkpoint.restore_rng(load_file(str(own if same_world else path / "rng-0.safetensors")))
+    checkpoint.restore_rng_checked(
+        path, load_safetensors(own if same_world else path / "rng-0.safetensors")[0]
+    )
     return state
 
 
@@ -135,8 +138,8 @@ def _load_whole_into_shards(path: Path, model: nn.Module, optimizer) -> dict:
     """A one-process checkpoint (whole tensors, AdamW state by index) into sharded training."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
 
-    state = json.loads((path / "state.json").read_text())
-    weights = load_file(str(path / "trainable.safetensors"))
+    state = checkpoint.read_state(path)
+    weights, _ = load_safetensors(path / "trainable.safetensors")
     names = [n for n, p in model.named_parameters() if p.requires_grad]
     if sorted(names) != sorted(weights):
         raise SlimtuneError(
@@ -145,7 +148,7 @@ def _load_whole_into_shards(path: Path, model: nn.Module, optimizer) -> dict:
         )
     saved = state["optimizer"]
     per_param: dict[str, dict] = {}
-    tensors = load_file(str(path / "optimizer.safetensors"))
+    tensors, _ = load_safetensors(path / "optimizer.safetensors")
     for key, value in list(tensors.items()) + list(saved["scalars"].items()):
         index, field = key.split(".", 1)
         per_param.setdefault(names[int(index)], {})[field] = value
@@ -157,7 +160,7 @@ def _load_whole_into_shards(path: Path, model: nn.Module, optimizer) -> dict:
     set_state_dict(model, optimizer, model_state_dict=weights,
                    optim_state_dict={"state": per_param, "param_groups": groups},
                    options=options)  # fmt: skip
-    checkpoint.restore_rng(load_file(str(path / "rng.safetensors")))
+    checkpoint.restore_rng_checked(path, load_safetensors(path / "rng.safetensors")[0])
     return state
 
 

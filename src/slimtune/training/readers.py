@@ -13,6 +13,7 @@ a string; a `messages` or `conversations` cell in a CSV file holds that list as 
 from __future__ import annotations
 
 import csv
+import io
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -97,8 +98,8 @@ def jsonl_rows(path: Path) -> Iterator[tuple[str, int, Any]]:
 
 def csv_rows(path: Path) -> Iterator[tuple[str, int, Any]]:
     """Rows of a CSV file with a header line; empty cells count as absent."""
-    with path.open(encoding="utf-8", newline="") as handle:
-        reader = csv.DictReader(handle)
+    reader = csv.DictReader(io.StringIO(decode_utf8(path.read_bytes(), path), newline=""))
+    try:
         for row in reader:
             where = f"{path}:{reader.line_num}"
             if None in row:
@@ -108,11 +109,13 @@ def csv_rows(path: Path) -> Iterator[tuple[str, int, Any]]:
                 if key in cells:
                     try:
                         cells[key] = json.loads(cells[key])
-                    except json.JSONDecodeError as exc:
+                    except (ValueError, RecursionError) as exc:
                         raise SlimtuneError(
-                            f"{where}: column {key!r} must hold a JSON list ({exc.msg})"
+                            f"{where}: column {key!r} must hold a JSON list ({exc})"
                         ) from None
             yield where, reader.line_num, cells
+    except csv.Error as exc:  # a NUL byte, a field past csv's size limit, …
+        raise SlimtuneError(f"{path}:{reader.line_num}: not readable CSV ({exc})") from None
 
 
 def _pyarrow():
@@ -131,12 +134,15 @@ def read_table(path: Path):
     pa = _pyarrow()
     try:
         if path.suffix == ".parquet":
-            return pa.parquet.read_table(path)
-        with pa.memory_map(str(path)) as source:
-            try:
-                return pa.ipc.open_stream(source).read_all()
-            except pa.ArrowInvalid:
-                return pa.ipc.open_file(source).read_all()
+            table = pa.parquet.read_table(path)
+        else:
+            with pa.memory_map(str(path)) as source:
+                try:
+                    table = pa.ipc.open_stream(source).read_all()
+                except pa.ArrowInvalid:
+                    table = pa.ipc.open_file(source).read_all()
+        table.validate(full=True)  # UTF-8 of every string, offsets inside their buffers
+        return table
     except (pa.ArrowException, OSError) as exc:
         raise SlimtuneError(f"{path}: not a readable {path.suffix[1:]} file ({exc})") from None
 
