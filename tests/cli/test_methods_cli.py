@@ -65,8 +65,8 @@ def test_prompt_init_text_and_sizes(model_dir, data, tmp_path):
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
-        (["--method", "prompt", "--num-virtual-tokens", "0"], "num_virtual_tokens=0"),
-        (["--method", "adapter", "--bottleneck-size", "0"], "bottleneck_size=0"),
+        (["--method", "prompt", "--num-virtual-tokens", "0"], "--num-virtual-tokens 0 is not"),
+        (["--method", "adapter", "--bottleneck-size", "0"], "--bottleneck-size 0 is not"),
         (["--method", "dora", "--target-modules", "embed_tokens"], "DoRA does not support"),
     ],
 )
