@@ -2,7 +2,8 @@
 
 Each command is a thin function that parses flags into library calls. User mistakes
 arrive as SlimtuneError and are printed as one line with a non-zero exit; anything
-else is a bug and keeps its traceback.
+else is a bug, printed as one line too (`slimtune: internal error (…)`, exit 3), with
+its traceback under SLIMTUNE_DEBUG=1.
 
 The parser: one `_<command>_flags(parser)` function per command, each putting its flags
 into the groups of `_groups` (model, data, method, training, output). Every flag has a
@@ -14,6 +15,7 @@ across commands; an old spelling stays as a hidden alias (`_alias`) for a releas
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable, Sequence
 
@@ -541,13 +543,32 @@ def _outputs(args: argparse.Namespace) -> list[str]:
     return []
 
 
+# exit codes (README: "What slimtune promises"); a bad flag exits with argparse's 2
+EXIT_USER_ERROR, EXIT_INTERNAL_ERROR, EXIT_INTERRUPTED, EXIT_CLOSED_PIPE = 1, 3, 130, 141
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return int(_handler(args.command)(args) or 0)
+        code = int(_handler(args.command)(args) or 0)
+        sys.stdout.flush()  # a closed pipe shows here, not at interpreter exit
+        return code
     except SlimtuneError as exc:
         print(f"slimtune {args.command}: error: {exc}", file=sys.stderr)
-        return 1
+        return getattr(exc, "exit_code", EXIT_USER_ERROR)  # a stopped run: 128 + signal
     except KeyboardInterrupt:
         print(f"slimtune {args.command}: interrupted", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:  # `slimtune inspect … | head`: the reader has all it wants
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_CLOSED_PIPE
+    except Exception as exc:  # a bug: one line, unless the user asks for the traceback
+        if os.environ.get("SLIMTUNE_DEBUG"):
+            raise
+        text = (str(exc).strip().splitlines() or [""])[0][:300]
+        print(
+            f"slimtune: internal error ({type(exc).__name__}: {text}); "
+            "run with SLIMTUNE_DEBUG=1 for the traceback",
+            file=sys.stderr,
+        )
+        return EXIT_INTERNAL_ERROR
