@@ -94,7 +94,7 @@ def write_gguf(
     add_hyperparameters(writer, config)
     n_vocab = model.get_input_embeddings().weight.shape[0]
     if source_gguf is not None:
-        copy_tokenizer_fields(writer, source_gguf)
+        copy_tokenizer_fields(writer, source_gguf, getattr(tokenizer, "chat_template", None))
     else:
         add_tokenizer(writer, tokenizer, config, n_vocab, say)
     gg.add_tensors(writer, model_tensors(model.state_dict(), config), dtype, say)

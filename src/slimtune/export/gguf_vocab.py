@@ -242,15 +242,20 @@ def _adds_space_prefix(tokenizer) -> bool:
 # --- GGUF in, GGUF out --------------------------------------------------------------------
 
 
-def copy_tokenizer_fields(writer, source_gguf) -> None:
-    """Copy every `tokenizer.*` key of a source GGUF verbatim (round trip keeps its layout)."""
+def copy_tokenizer_fields(writer, source_gguf, chat_template: str | None = None) -> None:
+    """Copy every `tokenizer.*` key of a source GGUF verbatim (round trip keeps its layout);
+    `chat_template` (an adapter trained with --chat-template) takes the source's place."""
     from gguf import GGUFReader, GGUFValueType
 
     reader = GGUFReader(source_gguf)
+    if chat_template is not None and "tokenizer.chat_template" not in reader.fields:
+        writer.add_chat_template(chat_template)
     for key, field in reader.fields.items():
         if not key.startswith("tokenizer."):
             continue
-        if field.types[0] == GGUFValueType.ARRAY:
+        if key == "tokenizer.chat_template" and chat_template is not None:
+            writer.add_key_value(key, chat_template, GGUFValueType.STRING)
+        elif field.types[0] == GGUFValueType.ARRAY:
             writer.add_key_value(key, field.contents(), GGUFValueType.ARRAY, field.types[-1])
         else:
             writer.add_key_value(key, field.contents(), field.types[0])
