@@ -64,9 +64,19 @@ def test_layout_keys_and_config_are_peft_s(saved, tmp_path):
 
 def test_metadata_round_trips_and_peft_ignores_it(saved):
     assert read_adapter_metadata(saved) == {"slimtune.quant": "nf4"}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        peft.PeftModel.from_pretrained(tiny(), saved)  # loads without complaint
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        loaded = peft.PeftModel.from_pretrained(tiny(), saved)
+    # no complaint (missing or unexpected keys, config fields); transformers' own
+    # deprecation notices are not about the adapter
+    complaints = [
+        w for w in caught if not issubclass(w.category, FutureWarning | DeprecationWarning)
+    ]
+    assert complaints == [], [str(w.message) for w in complaints]
+    with safe_open(str(saved / "adapter_model.safetensors"), "pt") as f:
+        key = next(k for k in f.keys() if "lora_B" in k)
+        name = key.replace("lora_B.weight", "lora_B.default.weight")
+        torch.testing.assert_close(dict(loaded.named_parameters())[name], f.get_tensor(key))
 
 
 def test_unknown_config_keys_warn_once_and_load(saved):

@@ -14,6 +14,7 @@ from slimtune.methods.lora.layers import (
     LoraFusedLinear,
     LoraLinear,
     block_diagonal_b,
+    init_lora_,
     lora_scaling,
     merge_weight,
     pissa_init,
@@ -192,6 +193,14 @@ def test_default_init_is_identity_and_gaussian_init_as_peft():
     gauss.add_adapter("g", 4, 8.0, init="gaussian")
     assert torch.count_nonzero(gauss.lora_B["g"].weight) == 0
     assert 0.15 < gauss.lora_A["g"].weight.std().item() < 0.35  # std 1/r = 0.25
+    theirs = _peft_layer(_linear(), r=4, lora_alpha=8, init_lora_weights="gaussian")
+    torch.manual_seed(2)
+    theirs.reset_lora_parameters("default", "gaussian")  # PEFT's own init, same random draws
+    torch.manual_seed(2)
+    with torch.no_grad():  # the function add_adapter initialises with
+        init_lora_(gauss.lora_A["g"].weight, gauss.lora_B["g"].weight, "gaussian", 4)
+    torch.testing.assert_close(gauss.lora_A["g"].weight, theirs.lora_A["default"].weight)
+    torch.testing.assert_close(gauss.lora_B["g"].weight, theirs.lora_B["default"].weight)
 
 
 def test_pissa_keeps_model_unchanged_and_matches_peft():
