@@ -30,7 +30,7 @@ METHOD_OPTIONS = sorted(set().union(*READS.values()))
 
 def given(key: str, value: Any, sources: list[tuple[str, dict[str, Any]]]) -> str:
     """How the user gave `key`: '--rank 4', or 'run.yaml:3: rank: 4'."""
-    from slimtune.cli.train import yaml_line
+    from slimtune.cli.yaml_lines import yaml_line
 
     for source, options in reversed(sources):
         if key in options:

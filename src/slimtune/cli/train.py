@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from slimtune.cli.applies import check_train_options
+from slimtune.cli.yaml_lines import yaml_line
 from slimtune.config import TrainConfig
 from slimtune.errors import SlimtuneError
 from slimtune.file_checks import read_text_file
@@ -141,20 +142,6 @@ def source_message(message: str, sources: list[tuple[str, dict[str, Any]]]) -> s
         line = yaml_line(Path(source), key)
         return f"{source}{f':{line}' if line else ''}: {key}: {found.group(3)}{rest}"
     return message
-
-
-def yaml_line(path: Path, key: str) -> int | None:
-    """The 1-based line of a top-level key in a YAML mapping (None when not found)."""
-    import yaml
-
-    try:
-        node = yaml.compose(path.read_text(encoding="utf-8"))
-    except (OSError, yaml.YAMLError):
-        return None
-    for key_node, _ in getattr(node, "value", []) if isinstance(node, yaml.MappingNode) else []:
-        if key_node.value == key:
-            return key_node.start_mark.line + 1
-    return None
 
 
 def quiet_transformers(quiet: bool) -> None:
