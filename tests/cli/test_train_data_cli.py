@@ -94,3 +94,13 @@ def test_smollm2_trains_on_alpaca_and_sharegpt(tmp_path, capsys, name):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] == 2 and summary["final_loss"] > 0
     assert (out / "adapter" / "adapter_config.json").is_file()
+
+
+def test_report_to_tensorboard_and_packing_from_the_command_line(tiny_llama_dir, tmp_path):
+    pytest.importorskip("tensorboard")
+    out = tmp_path / "run"
+    flags = ["--packing", "--report-to", "tensorboard", "--max-length", "128", "--quiet"]
+    assert train(tiny_llama_dir, DOCS / "sharegpt.jsonl", out, *flags) == 0
+    assert list((out / "tensorboard").glob("events.out.tfevents.*"))
+    config = (out / "config.yaml").read_text()
+    assert "packing: true" in config and "report_to: tensorboard" in config

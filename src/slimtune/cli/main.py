@@ -224,6 +224,12 @@ def _train_flags(p: argparse.ArgumentParser) -> None:
     )
     _num(o, "--save-every", "checkpoint every N steps; 0: only the final adapter (default: 50)")
     o.add_argument(
+        "--report-to",
+        choices=("none", "tensorboard"),
+        default=None,
+        help="tensorboard: also write RUN/tensorboard/ (default: none)",
+    )
+    o.add_argument(
         "--resume",
         action="store_true",
         help="continue --out's run from its last checkpoint (its config.yaml, then your flags)",
