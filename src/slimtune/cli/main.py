@@ -560,8 +560,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.stdout.flush()  # a closed pipe shows here, not at interpreter exit
         return code
     except SlimtuneError as exc:
-        print(f"slimtune {args.command}: error: {exc}", file=sys.stderr)
-        return getattr(exc, "exit_code", EXIT_USER_ERROR)  # a stopped run: 128 + signal
+        code = getattr(exc, "exit_code", EXIT_USER_ERROR)  # a stopped run: 128 + signal
+        kind = "error: " if code == EXIT_USER_ERROR else ""
+        print(f"slimtune {args.command}: {kind}{exc}", file=sys.stderr)
+        return code
     except KeyboardInterrupt:
         print(f"slimtune {args.command}: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED

@@ -45,6 +45,7 @@ from slimtune.training.preference import PreferenceData, load_preference_data, p
 from slimtune.training.preference_loss import objective_loss, preference_eval
 from slimtune.training.rundir import check_run_dir, clear_run, removed_on_failure
 from slimtune.training.runlog import MetricsLog, peak_memory_mb, plot_losses
+from slimtune.training.stop_signals import Stopped, StopRequest, signalled, stop_on_signals
 from slimtune.training.tensorboard import reporters
 
 SaveFn = Callable[[nn.Module, Path], Any]
@@ -243,8 +244,8 @@ def train(
             model, tokenizer, data, config, out, device, autocast, loss_fn, eval_data, quiet
         )
         run.plan = plan
-        with neftune(model, config.neftune_alpha):  # noise in training only (neftune.py)
-            state = run.steps(optimizer, params, state, metrics)
+        with neftune(model, config.neftune_alpha), stop_on_signals() as run.signals:
+            state = run.steps(optimizer, params, state, metrics)  # neftune: noise in training
         return finish(run, state, metrics, save_fn or default_save_fn)
 
 
@@ -268,6 +269,7 @@ class _Loop:
     loss_fn: LossFn
     eval_data: Dataset | None
     quiet: bool
+    signals: StopRequest | None = None  # stop_signals.py: set by Ctrl-C or SIGTERM
     plan: MemoryPlan | None = None  # training/memory.py; `auto` completes it after step 1
 
     def steps(self, optimizer, params, state: dict, metrics: MetricsLog) -> dict:
@@ -317,8 +319,15 @@ class _Loop:
             bar.update(1)
             if self.eval_data is not None and config.eval_every and step % config.eval_every == 0:
                 metrics.append({"step": step, **self.evaluate()})
-            if config.save_every and step % config.save_every == 0:
+            saved = bool(config.save_every) and step % config.save_every == 0
+            if saved:
                 save_checkpoint(self.out, model, optimizer, state, config.keep_checkpoints)
+            signum = signalled(self.signals)  # Ctrl-C / SIGTERM: checkpoint, then stop
+            if signum is not None:
+                if not saved:
+                    save_checkpoint(self.out, model, optimizer, state, config.keep_checkpoints)
+                bar.close()
+                raise Stopped(step, signum)
         bar.close()
         return state
 
