@@ -35,6 +35,28 @@ def check_free(path: Path, overwrite: bool) -> None:
         raise SlimtuneError(f"{path} already exists; pass --overwrite to replace it")
 
 
+def write_failure(exc: BaseException) -> str | None:
+    """Why a write failed, when the disk refused it (full, read-only, I/O error …); else None.
+
+    safetensors reports an OSError inside its own SafetensorError ("… (os error 28)").
+    """
+    if isinstance(exc, OSError):
+        return exc.strerror or str(exc)
+    text = str(exc)
+    if type(exc).__name__ == "SafetensorError" and "os error" in text:
+        return text.rpartition("I/O error: ")[2] or text
+    return None
+
+
+def raise_write_failure(exc: BaseException, path: Path) -> None:
+    """Raise a one-line SlimtuneError naming `path` when `exc` is a failed write; else return."""
+    reason = write_failure(exc)
+    if reason is None:
+        return
+    kept = "the existing one is unchanged" if os.path.lexists(path) else "nothing was written"
+    raise SlimtuneError(f"cannot write {path} ({reason}); {kept}") from None
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
@@ -51,6 +73,9 @@ def atomic_file(path: Path) -> Iterator[Path]:
     try:
         yield Path(tmp)
         os.replace(tmp, path)
+    except Exception as exc:
+        raise_write_failure(exc, path)
+        raise
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
@@ -68,7 +93,16 @@ def atomic_dir(path: Path) -> Iterator[Path]:
         if path.exists():
             old = path.parent / f"{tmp.name}-old"
             os.replace(path, old)
-        os.replace(tmp, path)
+        try:
+            os.replace(tmp, path)
+        except OSError:
+            if old is not None:  # put the previous output back before anything is deleted
+                os.replace(old, path)
+                old = None
+            raise
+    except Exception as exc:
+        raise_write_failure(exc, path)
+        raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
         if old is not None:

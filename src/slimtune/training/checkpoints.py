@@ -27,6 +27,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
+from slimtune.atomic import write_failure
 from slimtune.errors import SlimtuneError
 from slimtune.file_checks import load_safetensors, read_json_file
 
@@ -83,12 +84,17 @@ def restore_rng(tensors: dict[str, torch.Tensor]) -> None:
 def save_checkpoint(
     run_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer, state: dict, keep: int = 2
 ) -> Path:
-    """Write RUN/checkpoints/step-N atomically, then delete all but the latest `keep`."""
+    """Write RUN/checkpoints/step-N atomically, then delete all but the latest `keep`.
+
+    A write the disk refuses (full, I/O error) is a SlimtuneError naming the checkpoint and
+    the last complete one, which stays as it was; no temporary directory is left behind.
+    """
     root = Path(run_dir) / "checkpoints"
-    root.mkdir(parents=True, exist_ok=True)
     target = root / f"step-{state['step']:06d}"
-    tmp = Path(tempfile.mkdtemp(dir=root, prefix=".tmp-"))
+    tmp = None
     try:
+        root.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=root, prefix=".tmp-"))
         opt_tensors, opt_rest = optimizer_tensors(optimizer)
         save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
         save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
@@ -97,8 +103,19 @@ def save_checkpoint(
         if target.exists():
             shutil.rmtree(target)
         os.replace(tmp, target)
+    except Exception as exc:
+        reason = write_failure(exc)
+        if reason is None:
+            raise
+        found = [p for p in list_checkpoints(run_dir) if p != target]
+        kept = f"the last complete one, {found[-1]}, is intact" if found else "none was written"
+        raise SlimtuneError(
+            f"cannot write checkpoint {target} ({reason}); {kept}; "
+            "free some space and continue with --resume"
+        ) from None
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
     for old in list_checkpoints(run_dir)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return target

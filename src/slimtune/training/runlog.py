@@ -18,6 +18,7 @@ from typing import Any, Protocol
 import torch
 
 from slimtune.atomic import write_text_atomic
+from slimtune.errors import SlimtuneError
 
 
 class Sink(Protocol):
@@ -38,8 +39,11 @@ class MetricsLog:
         self.sinks: list[Sink] = []
 
     def append(self, record: dict[str, Any]) -> None:
-        with self.path.open("a", encoding="utf-8") as handle:
-            handle.write(json.dumps(record) + "\n")
+        try:
+            with self.path.open("a", encoding="utf-8") as handle:
+                handle.write(json.dumps(record) + "\n")
+        except OSError as exc:  # a full disk: one line naming the file (--resume cuts it back)
+            raise SlimtuneError(f"cannot write {self.path} ({exc.strerror or exc})") from None
         for sink in self.sinks:
             sink.append(record)
 
