@@ -176,3 +176,59 @@ def test_names_that_do_not_line_up_fall_back_to_from_pretrained(make_tiny_llama_
     tensors["model.final_norm.weight"] = tensors.pop("model.norm.weight")
     save_file(tensors, source / "model.safetensors", metadata={"format": "pt"})
     assert streamed_model(source, torch.float32, torch.device("cpu")) is None
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_eval_and_generate_run_on_the_gpu_with_an_adapter(make_tiny_llama_dir, tmp_path):
+    """eval/generate load onto the GPU (bf16, kernels on) and score as the CPU's fp32 does."""
+    import json
+
+    import slimtune as st
+    from slimtune.cli.eval import load_for_inference
+    from slimtune.evaluate import evaluate, generate
+
+    directory = make_tiny_llama_dir(hidden_size=128, intermediate_size=256)
+    cpu_model, tokenizer = load_model(directory)
+    torch.manual_seed(0)
+    cpu_model = st.add_adapter(cpu_model, st.LoraConfig(r=4, target_modules="all-linear"))
+    with torch.no_grad():
+        for name, p in cpu_model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.05)  # the adapter changes the outputs
+    st.save_adapter(cpu_model, tmp_path / "adapter")
+    rows = [{"prompt": f"{a}+{a}=", "completion": str(2 * a)} for a in range(10)]
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    want = evaluate(cpu_model.eval(), tokenizer, data)["loss"]
+    model, tokenizer = load_for_inference(str(directory), str(tmp_path / "adapter"))
+    assert next(model.parameters()).is_cuda
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    got = evaluate(model, tokenizer, data)["loss"]
+    assert abs(got - want) / want < 2e-2, (got, want)
+    assert isinstance(generate(model, tokenizer, "1+1=", max_new_tokens=4), str)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_bnb_4bit_directory_computes_as_bitsandbytes_gpu(make_tiny_llama_dir, tmp_path):
+    """A *-bnb-4bit directory streamed to the GPU gives bitsandbytes' own logits."""
+    pytest.importorskip("bitsandbytes")
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    source = make_tiny_llama_dir(hidden_size=128, intermediate_size=256)
+    config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.bfloat16)  # fmt: skip
+    reference = AutoModelForCausalLM.from_pretrained(
+        source, quantization_config=config, device_map={"": 0}, dtype=torch.bfloat16
+    )
+    target = tmp_path / "bnb4"
+    reference.save_pretrained(target)
+    for path in source.iterdir():
+        if "token" in path.name:
+            (target / path.name).write_bytes(path.read_bytes())
+    model, _ = load_model(target, device="cuda", dtype=torch.bfloat16)
+    ids = torch.randint(0, 90, (2, 33), device="cuda")
+    with torch.no_grad():
+        want, got = reference(input_ids=ids).logits.float(), model(input_ids=ids).logits.float()
+    assert ((got - want).norm() / want.norm()).item() < 1e-2

@@ -455,3 +455,23 @@ def streamed_model(
     elif quant:
         record_quantization(model, quant, streamer.dtypes, len(streamer.quantized))
     return model
+
+
+def inference_placement(weights_dtype: str | None = None) -> dict:
+    """load_model arguments for inference: on a GPU (when there is one) in bf16, or in the
+    dtype a QLoRA adapter's base was quantized from; {} (the CPU, fp32) otherwise."""
+    if not torch.cuda.is_available():
+        return {}
+    dtype = getattr(torch, weights_dtype) if weights_dtype else torch.bfloat16
+    return {"device": torch.device("cuda"), "dtype": dtype}
+
+
+def ready_for_gpu_inference(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """Adapter parameters in the base's dtype (no autocast needed), the fused kernels on."""
+    from slimtune.kernels.llama_ops import patch_llama
+
+    for p in model.parameters():
+        if p.is_floating_point() and p.dtype != dtype:
+            p.data = p.data.to(dtype)
+    patch_llama(model)  # RMSNorm/MLP/RoPE kernels (SLIMTUNE_KERNELS=0: the modules' own)
+    return model

@@ -19,12 +19,13 @@ def load_for_inference(
     """(model, tokenizer): the base model, quantized as the adapter trained (or as --quant,
     see cli/applies.py), with the adapter loaded."""
     from slimtune.cli.applies import inference_quantization
-    from slimtune.models import load_model
+    from slimtune.models import inference_placement, load_model, ready_for_gpu_inference
 
     if adapter is not None and not Path(adapter).is_dir():
         raise SlimtuneError(f"--adapter {adapter} is not a directory (give RUN/adapter)")
     record = inference_quantization(quantize, trained_quantization(adapter), force)
-    model, tokenizer = load_model(model_spec)
+    placement = inference_placement((record or {}).get("dtype"))  # a GPU when there is one
+    model, tokenizer = load_model(model_spec, **placement)
     if record:
         from slimtune.quant.linear import quantize_model
 
@@ -36,6 +37,8 @@ def load_for_inference(
 
         model = load_adapter(model, adapter)
         adapter_chat_template(tokenizer, adapter)  # trained with --chat-template
+    if placement:
+        ready_for_gpu_inference(model, placement["dtype"])
     model.eval()
     return model, tokenizer
 
