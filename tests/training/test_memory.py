@@ -172,3 +172,25 @@ def test_command_line_flags_reach_the_plan(tiny_llama_dir, tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert "--checkpointing" in err and "most" in err and "\n" not in err
     assert not (tmp_path / "bad").exists()
+
+
+def test_out_of_gpu_memory_is_one_line_naming_the_settings(
+    tiny_llama_dir, tmp_path, capsys, monkeypatch
+):
+    """A CUDA out-of-memory error in training reaches the user as one line that names what
+    was asked and what would fit; the run directory is not left half-written."""
+    import slimtune.training.loop as loop
+    from slimtune.cli.main import main
+
+    def no_memory(*args, **kwargs):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(loop._Loop, "steps", no_memory)
+    out = tmp_path / "run"
+    argv = ["train", "--model", str(tiny_llama_dir), "--data", str(_rows_file(tmp_path)),
+            "--out", str(out), "--checkpointing", "none", "--batch-size", "2"]  # fmt: skip
+    assert main(argv) != 0
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "out of GPU memory" in err
+    assert "--checkpointing none" in err and "--batch-size 2" in err and "offload" in err
+    assert not out.exists() or not any(out.iterdir())

@@ -187,11 +187,14 @@ def run(args: argparse.Namespace) -> int:
     if template:  # the loop's tokenizer renders with it; it is saved beside the weights
         tokenizer.chat_template = template
         save_fn = saving_chat_template(save_fn, template)
-    summary = train(
-        model, tokenizer, data, config, out, save_fn=save_fn, eval_data=eval_data,
-        resume=args.resume, overwrite=args.overwrite, quiet=args.quiet,
-        run_config=recorded_options(model, run_options),  # resolved, absolute (run_config.py)
-    )  # fmt: skip
+    try:
+        summary = train(
+            model, tokenizer, data, config, out, save_fn=save_fn, eval_data=eval_data,
+            resume=args.resume, overwrite=args.overwrite, quiet=args.quiet,
+            run_config=recorded_options(model, run_options),  # resolved, absolute (run_config.py)
+        )  # fmt: skip
+    except torch.cuda.OutOfMemoryError:
+        raise SlimtuneError(out_of_memory(config)) from None
     if not args.quiet:
         print(report(summary, out))
     distributed.shutdown()
@@ -209,6 +212,18 @@ def load_options(run_options: dict[str, Any], config: TrainConfig) -> dict[str, 
     if device.type == "cpu" or distributed.is_distributed():
         return {"quantize": quantize}
     return {"quantize": quantize, "device": device, "dtype": autocast or torch.float32}
+
+
+def out_of_memory(config: TrainConfig) -> str:
+    """The one line for a GPU that ran out of memory: what was asked, and what would fit."""
+    asked = f"--checkpointing {config.checkpointing}"
+    if config.gpu_memory is not None:
+        asked += f" --gpu-memory {config.gpu_memory:g}"
+    return (
+        f"out of GPU memory training with {asked}, --batch-size {config.batch_size}, "
+        f"--max-length {config.max_length}: try --checkpointing offload (or all), a lower "
+        "--gpu-memory, or a smaller --batch-size or --max-length"
+    )
 
 
 def report(summary: dict[str, Any], out: Path) -> str:
