@@ -58,7 +58,7 @@ test-llamacpp: $(STAMP)
 test-browser: $(STAMP)
 	test -x /usr/bin/chromium || { $$( [ "$$(id -u)" = 0 ] || echo sudo ) apt-get update -q && \
 		$$( [ "$$(id -u)" = 0 ] || echo sudo ) apt-get install -y -q chromium; }
-	SLIMTUNE_UI_SCREENSHOTS=docs/ui $(BIN)/python -m pytest -q -ra -m browser tests/ui
+	SLIMTUNE_UI_SCREENSHOTS=docs/ui $(BIN)/python -m pytest -q -ra -m "browser and not slow" tests/ui
 
 # the fuzz tests (tests/fuzz) with 20 times the examples `make test` runs, new ones each time
 .PHONY: fuzz

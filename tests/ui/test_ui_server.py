@@ -134,3 +134,18 @@ def test_show_the_command_over_http(server):
         in text
     )
     assert "max_steps: 3" in text  # the YAML
+
+
+def test_evaluate_over_http_matches_slimtune_eval(server, tmp_path):
+    """The scores on the page are `slimtune eval --json`'s, run here as the reference."""
+    ctx, url = server
+    outputs = call(logged_in(url), "eval_run", "tiny", "", "data.jsonl", 64, False)
+    page = " ".join(str(o) for o in outputs)
+    assert main(["eval", "--model", str(ctx.root.path / "tiny"), "--data",
+                 str(ctx.root.path / "data.jsonl"), "--max-length", "64", "--json",
+                 str(tmp_path / "ref.json"), "--quiet"]) == 0  # fmt: skip
+    reference = json.loads((tmp_path / "ref.json").read_text())
+    assert f"<td>{reference['loss']:.4f}</td>" in page
+    assert f"<td>{100 * reference['exact_match']:.1f}%</td>" in page
+    outputs = call(logged_in(url), "eval_run", "tiny", "", "../secret.jsonl", 64, False)
+    assert any("data '../secret.jsonl' is refused" in str(o) for o in outputs)

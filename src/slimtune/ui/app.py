@@ -10,10 +10,11 @@ Gradio serves only the files a handler returns (copied into its cache) and its u
 from __future__ import annotations
 
 import atexit
+import html
 
 import gradio as gr
 
-from slimtune.ui import chat_tab, export_tab, runs_tab, train_tab
+from slimtune.ui import chat_tab, compare_tab, eval_tab, export_tab, runs_tab, train_tab
 from slimtune.ui.common import Context
 from slimtune.ui.security import password_check
 
@@ -31,9 +32,13 @@ def build(ctx: Context) -> gr.Blocks:
     """The page. Each tab's build returns its refreshers, (fn, inputs, outputs) that
     re-list models, data, runs and adapters when the page loads and when the tab is opened."""
     with gr.Blocks(title="slimtune", analytics_enabled=False) as app:
-        gr.Markdown(f"## slimtune · fine-tune, watch, chat, export · root `{ctx.root.path}`")
+        where = html.escape(str(ctx.root.path))
+        gr.HTML(f"<h2>slimtune · fine-tune, watch, chat, export</h2><p>root: <code "
+                f"title='{where}'>{html.escape(ctx.root.path.name)}/</code> (every path is "
+                "inside it)</p>")  # fmt: skip
         with gr.Tabs():
             for name, module in (("Train", train_tab), ("Runs", runs_tab), ("Chat", chat_tab),
+                                 ("Evaluate", eval_tab), ("Compare", compare_tab),
                                  ("Export", export_tab)):  # fmt: skip
                 with gr.Tab(name, id=name.lower(), elem_id=f"tab-{name.lower()}") as tab:
                     refreshers = module.build(ctx)

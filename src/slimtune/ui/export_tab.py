@@ -72,12 +72,20 @@ def how_to_run(ctx: Context, out: Path) -> str:
     return "\n".join(lines)
 
 
+def human_size(size: int) -> str:
+    for unit in ("bytes", "KB", "MB", "GB"):
+        if size < 1024 or unit == "GB":
+            return f"{size:,} {unit}" if unit == "bytes" else f"{size:,.1f} {unit}"
+        size /= 1024
+    return ""
+
+
 def sizes_html(ctx: Context, out: Path) -> str:
     rows = []
     for path in sorted(p for p in out.rglob("*") if p.is_file() and not p.name.startswith(".")):
         size = path.stat().st_size
         rows.append(f"<tr><td>{html.escape(ctx.root.relative(path))}</td>"
-                    f"<td style='text-align:right'>{size / 2**20:,.2f} MB</td></tr>")  # fmt: skip
+                    f"<td style='text-align:right'>{human_size(size)}</td></tr>")  # fmt: skip
     return f"<table class='export-files'><tr><th>file</th><th>size</th></tr>{''.join(rows)}</table>"
 
 

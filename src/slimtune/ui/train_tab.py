@@ -10,7 +10,7 @@ import gradio as gr
 from slimtune.methods.table import method_names
 from slimtune.ui.common import Context, guarded, note, run_view, take_upload
 from slimtune.ui.jobs import command_line
-from slimtune.ui.paths import DATA_SUFFIXES
+from slimtune.ui.paths import DATA_SUFFIXES, demo_data
 from slimtune.ui.preview import preview
 from slimtune.ui.train_form import (
     ADVANCED,
@@ -47,7 +47,7 @@ def build(ctx: Context) -> list:
     with gr.Row():
         model = gr.Dropdown(models, value=models[0], label="model", allow_custom_value=True,
                             info="built-in, a directory or a .gguf under the root", elem_id="train-model")  # fmt: skip
-        data = gr.Dropdown(data_files, value=data_files[0] if data_files else None, label="data",
+        data = gr.Dropdown(data_files, value=next(iter(demo_data())), label="data",
                            allow_custom_value=True, info="a .jsonl or .txt file under the root",
                            elem_id="train-data")  # fmt: skip
         upload = gr.UploadButton("Upload data", file_types=list(DATA_SUFFIXES), size="sm")
