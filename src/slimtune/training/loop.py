@@ -43,6 +43,7 @@ from slimtune.training.neftune import neftune
 from slimtune.training.packing import pack_dataset
 from slimtune.training.preference import PreferenceData, load_preference_data, pair_batches
 from slimtune.training.preference_loss import objective_loss, preference_eval
+from slimtune.training.run_lock import run_lock
 from slimtune.training.rundir import check_run_dir, clear_run, removed_on_failure
 from slimtune.training.runlog import MetricsLog, peak_memory_mb, plot_losses
 from slimtune.training.stop_signals import Stopped, StopRequest, signalled, stop_on_signals
@@ -232,7 +233,8 @@ def train(
         print(plan.line(), flush=True)
     config = keep_global_batch(config, out, resume)
     # a failure before the first checkpoint removes what this run wrote (rundir.py)
-    with removed_on_failure(out, keep=resume or not distributed.is_main()):
+    lock = run_lock(out) if distributed.is_main() else contextlib.nullcontext()  # run_lock.py
+    with removed_on_failure(out, keep=resume or not distributed.is_main()), lock:
         if distributed.is_main():
             prepare_run(out, resume, overwrite)
             write_yaml(out / "config.yaml", {**(run_config or {}), **dataclasses.asdict(config)})

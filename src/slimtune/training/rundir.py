@@ -21,6 +21,7 @@ from pathlib import Path
 
 from slimtune.errors import SlimtuneError
 from slimtune.training.checkpoints import latest_checkpoint
+from slimtune.training.run_lock import check_unlocked
 
 RUN_FILES = ("adapter", "checkpoints", "metrics.jsonl", "loss.png", "summary.json", "config.yaml")
 # keys every RUN/config.yaml has (TrainConfig's), and a user's own config.yaml hardly all of
@@ -43,6 +44,7 @@ def check_run_dir(out_dir: str | Path, resume: bool, overwrite: bool) -> Path:
     out = Path(out_dir).expanduser()
     if out.exists() and not out.is_dir():
         raise SlimtuneError(f"output {out} exists and is not a directory")
+    check_unlocked(out)  # another live process writing it is named; a dead one's lock goes
     if resume and overwrite:
         raise SlimtuneError("--resume continues a run and --overwrite replaces it: give one")
     if resume:
