@@ -104,3 +104,20 @@ def test_report_to_tensorboard_and_packing_from_the_command_line(tiny_llama_dir,
     assert list((out / "tensorboard").glob("events.out.tfevents.*"))
     config = (out / "config.yaml").read_text()
     assert "packing: true" in config and "report_to: tensorboard" in config
+
+
+def test_a_chat_template_file_is_recorded_absolute_and_reused(
+    tiny_llama_dir, tmp_path, monkeypatch
+):
+    from slimtune.training.templates import LLAMA3
+
+    monkeypatch.chdir(tmp_path)
+    Path("t.jinja").write_text(LLAMA3)
+    out = tmp_path / "run"
+    assert (
+        train(tiny_llama_dir, DOCS / "alpaca.jsonl", out, "--quiet", "--chat-template", "t.jinja")
+        == 0
+    )
+    recorded = (out / "config.yaml").read_text()
+    assert f"chat_template: {tmp_path / 't.jinja'}" in recorded
+    assert (out / "adapter" / "chat_template.jinja").read_text() == LLAMA3

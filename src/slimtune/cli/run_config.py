@@ -14,7 +14,7 @@ from typing import Any
 
 from torch import nn
 
-PATH_KEYS = ("data", "eval_data", "out")
+PATH_KEYS = ("data", "eval_data", "out", "chat_template")  # a --chat-template FILE.jinja too
 
 
 def absolute(value: str) -> str:
