@@ -15,10 +15,12 @@ rest to JSON.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -99,7 +101,8 @@ def save_checkpoint(
         save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
         save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
         save_file(rng_tensors(), str(tmp / "rng.safetensors"))
-        (tmp / "state.json").write_text(json.dumps({**state, "optimizer": opt_rest}, indent=1))
+        record = with_checksums(tmp, {**state, "optimizer": opt_rest})
+        (tmp / "state.json").write_text(json.dumps(record, indent=1))
         if target.exists():
             shutil.rmtree(target)
         os.replace(tmp, target)
@@ -119,6 +122,66 @@ def save_checkpoint(
     for old in list_checkpoints(run_dir)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return target
+
+
+# ----------------------------------------------------------------------------- checksums
+#
+#   state.json["files"]     {name: sha256 of the file} for every other file of the checkpoint
+#   state.json["checksum"]  sha256 of state.json itself without this key (sorted JSON)
+#
+# A flipped byte in a weight file, or a state.json from another run or model, no longer
+# matches: --resume sets that checkpoint aside and continues from the one before it.
+
+
+def file_sha256(path: Path) -> str:
+    with path.open("rb") as handle:
+        return hashlib.file_digest(handle, "sha256").hexdigest()
+
+
+def _state_sha256(record: dict) -> str:
+    body = {k: v for k, v in record.items() if k != "checksum"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
+def with_checksums(directory: Path, record: dict) -> dict:
+    """`record` (state.json) with the checksums of every file already in `directory`."""
+    files = {p.name: file_sha256(p) for p in sorted(directory.iterdir()) if p.is_file()}
+    record = {**record, "files": {k: v for k, v in files.items() if k != "state.json"}}
+    return {**record, "checksum": _state_sha256(record)}
+
+
+def verify_checkpoint(path: Path) -> None:
+    """Refuse a checkpoint whose files or state.json differ from what was written."""
+    state = read_state(path)
+    if "checksum" not in state:
+        return  # written before checkpoints carried checksums
+    if not isinstance(state.get("files"), dict) or state["checksum"] != _state_sha256(state):
+        raise SlimtuneError(f"{path / 'state.json'} was altered (its checksum does not match)")
+    for name, digest in state["files"].items():
+        file = path / Path(str(name)).name
+        if not file.is_file() or file_sha256(file) != digest:
+            raise SlimtuneError(f"{file} was altered or is missing (its checksum does not match)")
+
+
+def set_aside_damaged(run_dir: Path) -> Path:
+    """The newest intact checkpoint; newer damaged ones are renamed damaged-step-N, saying so."""
+    damaged: list[tuple[Path, SlimtuneError]] = []
+    for path in reversed(list_checkpoints(run_dir)):
+        try:
+            verify_checkpoint(path)
+        except SlimtuneError as exc:
+            damaged.append((path, exc))
+            continue
+        for bad, exc in damaged:
+            aside = bad.with_name(f"damaged-{bad.name}")
+            shutil.rmtree(aside, ignore_errors=True)
+            os.replace(bad, aside)
+            print(f"--resume: {exc}; set aside as {aside.name}; resuming from {path.name}",
+                  file=sys.stderr)  # fmt: skip
+        return path
+    if damaged:
+        raise SlimtuneError(f"--resume: {damaged[0][1]}; no intact checkpoint to fall back to")
+    return latest_checkpoint(run_dir)
 
 
 def list_checkpoints(run_dir: Path) -> list[Path]:

@@ -72,7 +72,9 @@ def save_checkpoint(
     save_file(checkpoint.rng_tensors(), str(tmp / f"rng-{rank()}.safetensors"))
     barrier()
     if is_main():
-        record = {**state, "world_size": world_size(), "format": "dcp"}
+        record = checkpoint.with_checksums(
+            tmp, {**state, "world_size": world_size(), "format": "dcp"}
+        )
         (tmp / "state.json").write_text(json.dumps(record, indent=1))
         if target.exists():
             shutil.rmtree(target)
@@ -162,6 +164,14 @@ def _load_whole_into_shards(path: Path, model: nn.Module, optimizer) -> dict:
                    options=options)  # fmt: skip
     checkpoint.restore_rng_checked(path, load_safetensors(path / "rng.safetensors")[0])
     return state
+
+
+def intact_for_resume(run_dir: Path) -> None:
+    """Before a resume: damaged checkpoints are set aside (checkpoints.set_aside_damaged), so
+    that every process then reads the newest intact one."""
+    if is_main():
+        checkpoint.set_aside_damaged(run_dir)
+    barrier()
 
 
 def keep_global_batch(config: TrainConfig, run_dir: Path, resume: bool) -> TrainConfig:

@@ -32,6 +32,7 @@ from slimtune.errors import SlimtuneError
 from slimtune.training import distributed
 from slimtune.training.checkpoints import latest_checkpoint
 from slimtune.training.checkpoints_sharded import (
+    intact_for_resume,
     keep_global_batch,
     load_checkpoint,
     save_checkpoint,
@@ -231,6 +232,8 @@ def train(
     plan = None if distributed.is_distributed() else plan_memory(model, config, device, data)
     if plan is not None and not plan.pending and not quiet:
         print(plan.line(), flush=True)
+    if resume:
+        intact_for_resume(out)  # an altered checkpoint is set aside, saying so
     config = keep_global_batch(config, out, resume)
     # a failure before the first checkpoint removes what this run wrote (rundir.py)
     lock = run_lock(out) if distributed.is_main() else contextlib.nullcontext()  # run_lock.py
