@@ -51,3 +51,26 @@ def test_extra_scalars_of_an_objective_keep_their_names(tmp_path):
     log.close()
     scalars = read_scalars(tmp_path)
     assert scalars == {"train/loss": {4: 0.5}, "rewards/margin": {4: 1.25}}
+
+
+def test_resume_purges_the_events_after_the_checkpoint(tiny_llama_dir, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import slimtune as st
+
+    data = write_jsonl(tmp_path / "d.jsonl", [{"text": "hello there"}, {"text": "general"}] * 2)
+    config = TrainConfig(max_steps=3, batch_size=2, report_to="tensorboard", save_every=2)
+    out = tmp_path / "run"
+    for resume in (False, True):  # the second run continues from the step-2 checkpoint
+        model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
+        model = st.add_adapter(model, st.LoraConfig(r=2, target_modules=["q_proj"]))
+        tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
+        train(model, tokenizer, data, config, out, resume=resume, quiet=True)
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    losses = read_scalars(out / "tensorboard")["train/loss"]
+    assert losses == pytest.approx({r["step"]: r["loss"] for r in records if "loss" in r})
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(out / "tensorboard"), size_guidance={"scalars": 0})
+    events.Reload()
+    assert [e.step for e in events.Scalars("train/loss")] == [1, 2, 3]  # step 3 once
