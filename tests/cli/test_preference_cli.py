@@ -235,3 +235,58 @@ def test_bad_input_gets_one_line_and_writes_nothing(case, tiny_llama_dir, tmp_pa
     err = capsys.readouterr().err.strip()
     assert expected in err and len(err.splitlines()) == 1, err
     assert not out.exists() or not any(out.iterdir())
+
+
+def test_preference_demo_data_differs_in_style_only_and_holds_out_questions():
+    from slimtune.cli.demo import demo_file
+
+    def load(name):
+        return [json.loads(line) for line in demo_file(name).open()]
+
+    train, held = load("preference_train.jsonl"), load("preference_heldout.jsonl")
+    assert (len(train), len(held)) == (109, 30)
+    for row in train + held:
+        chosen, rejected = row["chosen"][0]["content"], row["rejected"][0]["content"]
+        assert chosen in rejected and len(rejected) > 2 * len(chosen)  # the same fact, padded
+    questions = {r["prompt"][0]["content"] for r in train}
+    assert not questions & {r["prompt"][0]["content"] for r in held}
+    assert not any("sound" in q or "plural" in q for q in questions)  # kinds only held out
+
+
+def test_one_sentence_rule():
+    from slimtune.cli.demo_preference import one_sentence
+
+    assert one_sentence("A spider has eight legs.") and one_sentence(" Is it 0.5 m? ")
+    assert not one_sentence("Great question! A spider has eight legs.")
+    assert not one_sentence("A spider has eight legs, which")  # cut off by the token budget
+    assert not one_sentence("")
+
+
+def test_preference_demo_prints_before_after_and_writes_the_run(
+    tiny_llama_dir, tmp_path, monkeypatch, capsys
+):
+    import dataclasses
+
+    from slimtune.cli import demo_preference
+    from slimtune.config import LoraConfig
+
+    monkeypatch.setattr(demo_preference, "MODEL", str(tiny_llama_dir))
+    monkeypatch.setattr(demo_preference, "LORA", LoraConfig(r=2, target_modules=["q_proj"]))
+    short = dataclasses.replace(demo_preference.TRAIN, max_steps=2, save_every=1, lr=0.05)
+    monkeypatch.setattr(demo_preference, "TRAIN", short)
+    monkeypatch.setattr(demo_preference, "BUDGET", 4)
+    out = tmp_path / "demo"
+    assert main(["demo", "--preference", "--out", str(out), "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    assert "held-out answers in one sentence:" in printed and "reward accuracy" in printed
+    summary = json.loads((out / "summary.json").read_text())
+    before, after = summary["before"], summary["after"]
+    assert before["pairs"] == after["pairs"] == 30
+    # before training the adapter is zero: the policy is its reference, every margin 0
+    assert (before["reward_margin"], before["reward_accuracy"]) == (0.0, 0.0)
+    assert before["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert after["reward_margin"] != 0.0
+    for split in (before, after):
+        share = sum(e["one_sentence"] for e in split["examples"]) / 30
+        assert split["one_sentence"] == share
+    assert (out / "adapter/adapter_config.json").is_file()

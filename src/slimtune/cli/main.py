@@ -416,8 +416,14 @@ def _inspect_flags(p: argparse.ArgumentParser) -> None:
 
 
 def _demo_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("demo")
+    g.add_argument(
+        "--preference",
+        action="store_true",
+        help="the DPO demo: prefer one-sentence answers to chatty ones (out: runs/demo-preference)",
+    )
     o = p.add_argument_group("output")
-    o.add_argument("--out", default="runs/demo", metavar="RUN", help="run directory")
+    o.add_argument("--out", default=None, metavar="RUN", help="run directory (default: runs/demo)")
     _overwrite_flag(o, "a run")
     _quiet_flag(o)
 
