@@ -103,12 +103,31 @@ def resolve(args: argparse.Namespace) -> tuple[dict[str, Any], TrainConfig]:
     with naming_sources(args):
         config = TrainConfig(**{k: options[k] for k in TRAIN_KEYS if k in options})
     run = {k: options.get(k) for k in RUN_KEYS}
+    check_run_types(run, layers(args))
     check_train_options(run, config, layers(args))  # no silent no-ops (applies.py)
     if config.packing and run["method"] == "prompt":
         raise SlimtuneError(
             "--packing does not work with --method prompt: its soft tokens lead every row"
         )
     return run, config
+
+
+RUN_TYPES = {"rank": (int,), "num_virtual_tokens": (int,), "bottleneck_size": (int,),
+             "alpha": (int, float), "dropout": (int, float), "target_modules": (str, list)}  # fmt: skip
+
+
+def check_run_types(run: dict[str, Any], sources: list[tuple[str, dict[str, Any]]]) -> None:
+    """Each run option has its type (a YAML file can hold anything); the others are strings."""
+    from slimtune.cli.applies import given
+
+    for key, value in run.items():
+        kinds = RUN_TYPES.get(key, (str,))
+        bad = value is not None and (isinstance(value, bool) or not isinstance(value, kinds))
+        if bad or (isinstance(value, list) and not all(isinstance(v, str) for v in value)):
+            expected = " or ".join("a list of names" if k is list else k.__name__ for k in kinds)
+            raise SlimtuneError(
+                f"{given(key, value, sources)} is not accepted: expected {expected}"
+            )
 
 
 # config fields that a flag of another name sets (slimtune.methods' recipes build them)

@@ -206,6 +206,8 @@ def latest_checkpoint(run_dir: Path) -> Path:
 def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
     """Load trainable weights, optimizer and RNG states in place; return the saved state."""
     state = read_state(path)
+    if "optimizer" not in state:
+        raise SlimtuneError(f"{path / 'state.json'} has no 'optimizer'; the checkpoint is damaged")
     weights, _ = load_safetensors(path / "trainable.safetensors")
     params = dict(model.named_parameters())
     missing = [n for n, p in params.items() if p.requires_grad and n not in weights]

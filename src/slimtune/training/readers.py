@@ -143,7 +143,7 @@ def read_table(path: Path):
                     table = pa.ipc.open_file(source).read_all()
         table.validate(full=True)  # UTF-8 of every string, offsets inside their buffers
         return table
-    except (pa.ArrowException, OSError) as exc:
+    except (pa.ArrowException, OSError, UnicodeDecodeError) as exc:  # bytes of its schema too
         raise SlimtuneError(f"{path}: not a readable {path.suffix[1:]} file ({exc})") from None
 
 
