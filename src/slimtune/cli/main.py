@@ -374,6 +374,12 @@ def _compare_flags(p: argparse.ArgumentParser) -> None:
         metavar="FILE",
         help="held-out data (default: a fifth of --data's rows, chosen with --seed)",
     )
+    d.add_argument(
+        "--hard-eval-data",
+        default=None,
+        metavar="FILE",
+        help="a second held-out split, e.g. wordings never trained on (default: none)",
+    )
     _num(d, "--max-length", "tokens per row (default: 256)")
     m = g["method"]
     m.add_argument(
@@ -402,6 +408,34 @@ def _compare_flags(p: argparse.ArgumentParser) -> None:
     )
     _num(t, "--seed", "data split, order, init (default: 0)")
     _num(t, "--jobs", "training runs at a time (default: 1)")
+    t.add_argument(
+        "--lr-sweep",
+        nargs="?",
+        const="default",
+        default=None,
+        metavar="F,F,…",
+        help="try each method at its default lr times each factor and keep the one with the "
+        "lowest validation loss (without values: 0.33,1,3; default: off)",
+    )
+    t.add_argument(
+        "--until-plateau",
+        nargs="?",
+        const=3,
+        type=int,
+        default=None,
+        metavar="K",
+        help="stop a run when the validation loss has not improved for K evaluations "
+        "(without K: 3; --max-steps stays the cap; default: off)",
+    )
+    _num(t, "--eval-every", "steps between validation evaluations (default: 10)")
+    _num(t, "--val-rows", "training rows kept apart for validation (default: an eighth)")
+    _num(t, "--seeds", "seeds per method at its best lr: mean and spread (default: 1)")
+    t.add_argument(
+        "--device",
+        default=None,
+        metavar="DEVICE",
+        help="cpu, cuda or cuda:N (default: CUDA when there is one)",
+    )
     o = g["output"]
     o.add_argument(
         "--out", required=True, metavar="DIR", help="report.md, report.json and charts go here"

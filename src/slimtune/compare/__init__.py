@@ -1,2 +1,3 @@
-"""Comparing methods on one model and data: run the jobs, write the report and its charts.
+"""Comparing methods on one model and data: plan the runs (settings), run them (run, measure),
+aggregate seeds (stats), write the report, its sentences (findings) and its charts.
 Imports evaluate, training, adapter_dir, models, methods, adapters, quant, config, errors."""

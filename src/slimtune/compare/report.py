@@ -1,36 +1,28 @@
 """The comparison report: DIR/report.json, DIR/report.md and its PNG charts.
 
-Every sentence under "What the numbers show" is computed from the measured rows:
-a claim of the source notes is stated as supported, not supported, or not measured,
-with the numbers that decide it.
+The header states the model, the data and the hardware; the table gives each config at its
+best learning rate, quality figures as mean (min–max) over seeds; every sentence under
+"What the numbers show" is computed from those numbers (findings.py).
 """
 
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
-from slimtune.compare.charts import rank_sweep_points
+from slimtune.compare.findings import METRICS, findings, fmt, primary_metric
 
 CHARTS = {
+    "quality.png": "Exact match on each held-out split (bars: mean, whiskers: min–max over seeds)",
     "quality_vs_params.png": "Held-out loss against trainable parameters",
+    "learning_curves.png": "Learning curves: validation loss per method",
+    "lr_sweep.png": "Learning-rate sweep",
+    "rank_sweep.png": "LoRA rank sweep (full fine-tuning as the ceiling)",
     "memory.png": "Peak training memory",
     "train_speed.png": "Training throughput",
     "latency.png": "Inference latency per generated token",
-    "rank_sweep.png": "LoRA rank sweep (full fine-tuning as the ceiling)",
 }
-NOISE = 0.05  # latency differences below 5% are called measurement noise
-NAMES = {"lora": "LoRA", "qlora": "QLoRA", "dora": "DoRA", "ia3": "IA³"}
-
-
-def _rows(report: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    return {run["label"]: run for run in report["runs"]}
-
-
-def _fmt(value: Any, spec: str, empty: str = "–") -> str:
-    return empty if value is None else format(value, spec)
 
 
 def _size(n: int | None) -> str:
@@ -42,134 +34,132 @@ def _size(n: int | None) -> str:
     return f"{n} B"
 
 
+def _cell(run: dict[str, Any], key: str) -> str:
+    return "–" if run.get(key) is None else fmt(run[key], key)
+
+
+def _num(value: float | None, spec: str) -> str:
+    return "–" if value is None else format(value, spec)
+
+
 def table(report: dict[str, Any]) -> str:
-    head = ("| run | trainable params | % of model | adapter file | peak train memory | "
-            "train tokens/s | held-out loss | exact match | ms/token | ms/token merged | "
-            "extra context tokens |")  # fmt: skip
-    lines = [head, "|" + "---|" * 11]
+    hard = any("hard_exact_match" in r for r in report["runs"])
+    head = ["run", "lr", "trainable params", "adapter file", "peak train memory", "train tokens/s",
+            "validation loss", "held-out loss", "exact match"]  # fmt: skip
+    head += ["exact match, new wordings"] if hard else []
+    head += ["best step", "ms/token", "ms/token merged"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for run in report["runs"]:
-        trainable, total = run["trainable_params"], run["total_params"]
-        match = run.get("exact_match")
+        memory = run.get("peak_train_memory_mb")
         cells = [
-            run["label"],
-            f"{trainable:,}",
-            f"{100 * trainable / total:.3f}%",
+            run["label"], _num(run.get("lr"), "g"),
+            f"{run['trainable_params']:,} ({100 * run['trainable_params'] / run['total_params']:.2f}%)",
             _size(run.get("adapter_bytes")),
-            _fmt(run.get("peak_train_memory_mb"), ",.0f") + (" MB" if run.get("peak_train_memory_mb") else ""),
-            _fmt(run.get("train_tokens_per_s"), ",.0f"),
-            _fmt(run.get("heldout_loss"), ".3f"),
-            "–" if match is None else f"{100 * match:.1f}%",
-            _fmt(run.get("ms_per_token"), ".1f"),
-            _fmt(run.get("merged_ms_per_token"), ".1f"),
-            str(run.get("extra_context_tokens", 0)),
+            "–" if memory is None else f"{memory['mean']:,.0f} MB",
+            _num(run.get("train_tokens_per_s"), ",.0f"),
+            _cell(run, "val_loss"), _cell(run, "heldout_loss"), _cell(run, "exact_match"),
         ]  # fmt: skip
+        cells += [_cell(run, "hard_exact_match")] if hard else []
+        cells += [_cell(run, "plateau_step"), _num(run.get("ms_per_token"), ".1f"),
+                  _num(run.get("merged_ms_per_token"), ".1f")]  # fmt: skip
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
-def _ratio(a: float, b: float) -> float:
-    return a / b if b else float("nan")
+def sweep_table(report: dict[str, Any]) -> str:
+    """Validation loss of every config at every lr of the sweep (the first seed)."""
+    sweep = report.get("sweep", {})
+    lrs = sorted({p["lr"] for points in sweep.values() for p in points})
+    if len(lrs) < 2:
+        return ""
+    lines = [
+        "| run | " + " | ".join(f"lr {lr:g}" for lr in lrs) + " |",
+        "|" + "---|" * (len(lrs) + 1),
+    ]
+    for label, points in sweep.items():
+        by_lr = {p["lr"]: p for p in points}
+        cells = []
+        for lr in lrs:
+            p = by_lr.get(lr)
+            text = (
+                ""
+                if p is None or p["val_loss"] is None
+                else f"{p['val_loss']:.3f} @ {p['plateau_step']}"
+            )
+            cells.append(
+                f"**{text}**" if p and lr == report["best_lr"].get(label) and text else text
+            )
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
-def findings(report: dict[str, Any]) -> list[str]:
-    """Sentences about the notes' claims, each decided by the measured numbers."""
-    rows, said = _rows(report), []
-    base = rows.get("base")
-    if base and "adapter" in rows:
-        r = _ratio(rows["adapter"]["ms_per_token"], base["ms_per_token"]) - 1
-        verdict = "add" if r > NOISE else "did not measurably add"
-        said.append(
-            f"**Bottleneck adapters {verdict} inference latency**: {rows['adapter']['ms_per_token']:.1f} "
-            f"ms per token against {base['ms_per_token']:.1f} ms for the base model ({r:+.0%}); "
-            "they cannot be merged into the weights."
-        )
-    for label in ("lora", "qlora", "dora", "ia3"):
-        run = rows.get(label)
-        if not base or not run or run.get("merged_ms_per_token") is None:
-            continue
-        reference = run.get("base_ms_per_token_merged_pass", base["ms_per_token"])
-        unmerged = _ratio(run["ms_per_token"], base["ms_per_token"]) - 1
-        merged = _ratio(run["merged_ms_per_token"], reference) - 1
-        verdict = "adds no latency" if abs(merged) <= NOISE else f"still differs by {merged:+.0%}"
-        said.append(
-            f"**Merged {NAMES[label]} {verdict}** "
-            f"(|Δ| ≤ {NOISE:.0%} counts as noise): {run['merged_ms_per_token']:.1f} ms per token "
-            f"merged against {reference:.1f} ms for the base model timed alongside; unmerged "
-            f"{run['ms_per_token']:.1f} ms against {base['ms_per_token']:.1f} ms ({unmerged:+.0%})."
-        )
-    said += _prompt_findings(rows) + _qlora_findings(rows) + _quality_findings(rows, report)
-    return said
-
-
-def _prompt_findings(rows: dict[str, dict[str, Any]]) -> list[str]:
-    prompt, lora, base = rows.get("prompt"), rows.get("lora"), rows.get("base")
-    if not prompt:
-        return []
-    said = []
-    if lora:
-        share = _ratio(prompt["trainable_params"], lora["trainable_params"])
-        speed = _ratio(prompt["train_tokens_per_s"], lora["train_tokens_per_s"])
-        said.append(
-            f"**Prompt tuning backpropagates through the whole model**: it trains "
-            f"{prompt['trainable_params']:,} parameters ({share:.1%} of LoRA's) yet trains at "
-            f"{prompt['train_tokens_per_s']:,.0f} tokens/s against LoRA's "
-            f"{lora['train_tokens_per_s']:,.0f} ({speed:.2f}×) and peaks at "
-            f"{prompt['peak_train_memory_mb']:,.0f} MB against {lora['peak_train_memory_mb']:,.0f} MB: "
-            "the gradient must pass back through every layer to reach the input embeddings, so "
-            "few trainable parameters do not make training cheap."
-        )
-    if base:
-        said.append(
-            f"Prompt tuning adds {prompt['extra_context_tokens']} tokens of context to every "
-            f"input (generation: {prompt['ms_per_token']:.1f} ms per token, base "
-            f"{base['ms_per_token']:.1f} ms)."
-        )
-    return said
-
-
-def _qlora_findings(rows: dict[str, dict[str, Any]]) -> list[str]:
-    qlora, lora = rows.get("qlora"), rows.get("lora")
-    if not qlora or not lora:
-        return []
-    memory = _ratio(qlora["peak_train_memory_mb"], lora["peak_train_memory_mb"])
-    speed = _ratio(qlora["train_tokens_per_s"], lora["train_tokens_per_s"])
-    if memory < 1 and speed < 1:
-        verdict = "QLoRA trades speed for memory"
-    elif memory < 1:
-        verdict = "QLoRA saved memory without costing speed here"
-    else:
-        verdict = "QLoRA did not save memory here"
+def header(report: dict[str, Any]) -> list[str]:
+    """Model, data, hardware and how each run trained: the facts a reader needs first."""
+    s, h = report["settings"], report.get("header", {})
+    hw, rows = h.get("hardware", {}), h.get("rows", {})
+    where = h.get("device", "cpu")
+    machine = f"{hw.get('cpu', '?')}, {hw.get('cpu_count', '?')} CPU cores"
+    if hw.get("gpu"):
+        machine = f"{hw['gpu']} ({hw.get('gpu_memory_gb', '?')} GB) on {machine}"
+    load = h.get("load_average_runs") or {}
+    threads = f"; training with {h.get('train_threads', '?')} thread(s) per run, {s['jobs']} run(s) at a time"
+    if where == "cpu" and load:
+        threads += (f", load average {load['mean']:.1f} during the runs and "
+                    f"{h.get('load_average_timing') or 0:.1f} during the timings (above the core "
+                    "count, other work shared the machine)")  # fmt: skip
+    data = f"training data `{s['data']}` ({rows.get('train', '?')} rows train, {rows.get('validation') or 0} carved out for validation)"
+    held = f"held-out `{s['eval_data']}` ({rows.get('heldout', '?')} rows)"
+    if s.get("hard_eval_data"):
+        held += f" and `{s['hard_eval_data']}` ({rows.get('hard_heldout', '?')} rows, wordings never trained on)"
+    stop = (f"until the validation loss has not improved for {s['patience']} evaluation(s) in a row "
+            f"(every {s['eval_every']} steps; at most {s['max_steps']} steps)") if s.get("patience") \
+        else f"{s['max_steps']} steps"  # fmt: skip
+    sweep = (f"the best of the learning rates {', '.join(f'{f:g}×' for f in s['lr_factors'])} each "
+             "method's default (lowest validation loss, first seed)") if s.get("lr_factors") \
+        else "each method's default learning rate"  # fmt: skip
+    seeds = f"{s['seeds']} seeds ({s['seed']}…{s['seed'] + s['seeds'] - 1})" if s.get("seeds", 1) > 1 \
+        else f"one seed ({s['seed']})"  # fmt: skip
     return [
-        f"**{verdict}**: peak training memory {qlora['peak_train_memory_mb']:,.0f} MB against "
-        f"{lora['peak_train_memory_mb']:,.0f} MB for LoRA ({memory - 1:+.0%}), "
-        f"{qlora['train_tokens_per_s']:,.0f} against {lora['train_tokens_per_s']:,.0f} training "
-        f"tokens/s ({speed:.2f}×); held-out loss {qlora['heldout_loss']:.3f} against "
-        f"{lora['heldout_loss']:.3f}."
+        f"- **Model**: `{h.get('model', s['model'])}` ({h.get('model_params', 0):,} parameters).",
+        f"- **Data**: {data}; {held}.",
+        f"- **Hardware**: `{where}`: {machine}; torch {hw.get('torch', '?')}{threads}.",
+        f"- **Training**: every method trains {stop} with batches of {s['batch_size']} rows "
+        f"(max length {s['max_length']}), at {sweep}, over {seeds}. LoRA, QLoRA and DoRA adapt "
+        f"every linear layer at rank {s['rank']} with alpha = 2r (the rank sweep changes only r).",
+        f"- **Figures**: quality as mean (min–max) over the seeds; a difference whose ranges "
+        "overlap is called no measurable difference. `base` is the model before training. "
+        f"Wall time: {h.get('wall_time_s', 0) / 60:.0f} min ({h.get('cpu_s', 0) / 60:.0f} CPU-minutes "
+        "in the runs).",
     ]
 
 
-def _quality_findings(rows: dict[str, dict[str, Any]], report: dict[str, Any]) -> list[str]:
-    said = []
-    full = rows.get("full")
-    sweep = rank_sweep_points(report)
-    if len(sweep) >= 2 and full:
-        parts = ", ".join(f"r={r}: {loss:.3f}" for r, loss, _ in sweep)
-        gaps = [loss - full["heldout_loss"] for _, loss, _ in sweep]
-        trend = "shrinks" if gaps[-1] < gaps[0] else "does not shrink"
-        said.append(
-            f"**Rank sweep** (held-out loss): {parts}; full fine-tuning {full['heldout_loss']:.3f}. "
-            f"The gap to full fine-tuning {trend} from r={sweep[0][0]} to r={sweep[-1][0]} "
-            f"({gaps[0]:+.3f} → {gaps[-1]:+.3f})."
-        )
-    trained = [r for r in rows.values() if r["method"] != "base"]
-    if trained:
-        best = min(trained, key=lambda r: r["heldout_loss"])
-        base = rows.get("base")
-        start = f" (base model {base['heldout_loss']:.3f})" if base else ""
-        said.append(
-            f"Lowest held-out loss: **{best['label']}**, {best['heldout_loss']:.3f}{start}."
-        )
-    return said
+def markdown(report: dict[str, Any], charts: list[str]) -> str:
+    s = report["settings"]
+    seeds = "mean (min–max) over seeds" if s.get("seeds", 1) > 1 else "one seed"
+    lines = ["# slimtune: methods compared", "", *header(report), "",
+             table(report), "", "## What the numbers show", "",
+             f"Quality below is decided on {METRICS[primary_metric(report)]} ({seeds}); the sweep "
+             "picks each learning rate by validation loss.", "",
+             *[f"- {sentence}" for sentence in findings(report)], ""]  # fmt: skip
+    sweep = sweep_table(report)
+    if sweep:
+        lines += ["## Learning-rate sweep", "", "Best validation loss @ the step it was reached, "
+                  "first seed; bold: the lr used.", "", sweep, ""]  # fmt: skip
+    lines += [
+        "## How it was measured", "",
+        "Latency is the time per generated token (greedy, KV cache, batch 1, "
+        f"{s['latency_tokens']} tokens), the fastest of 5 rounds in which all models take turns "
+        "in one process (merged models in a second pass beside the base model); the rank-sweep "
+        "runs are not timed. Training tokens/s is one forward+backward on the same batch, the "
+        "models taking turns in one process (fastest of 3 rounds). Memory on the CPU is the "
+        "process's resident memory sampled during training (weights included); on a GPU, "
+        "PyTorch's peak allocation. Exact match: the greedy answer starts with the reference.", "",
+        "## Charts", "",
+    ]  # fmt: skip
+    for name in charts:
+        lines += [f"### {CHARTS[name]}", "", f"![{CHARTS[name]}]({name})", ""]
+    lines += ["Regenerate with `make compare` (raw numbers: [report.json](report.json)).", ""]
+    return "\n".join(lines)
 
 
 def write_report(report: dict[str, Any], out: Path) -> None:
@@ -180,57 +170,6 @@ def write_report(report: dict[str, Any], out: Path) -> None:
     write_json(out / "report.json", report)
     charts = draw_charts(report, out)
     write_text_atomic(out / "report.md", markdown(report, charts))
-
-
-def _device(report: dict[str, Any]) -> str:
-    """Where the runs ran, with the threads and the machine's load (timings are only as good)."""
-    runs, timing = report["runs"], report.get("timing", {})
-    text = f"`{runs[0].get('device', 'cpu')}`"
-    loads = [r["load_average"] for r in runs if r.get("load_average") is not None]
-    if runs[0].get("device") == "cpu" and loads:
-        cpus, jobs = os.cpu_count() or 1, report["settings"].get("jobs", 1)
-        text += (f" (training runs {jobs} at a time with {runs[0].get('threads')} thread(s) each; "
-                 f"timings with {timing.get('threads', '?')} thread(s); load average "
-                 f"{sum(loads) / len(loads):.1f} during the runs and "
-                 f"{timing.get('load_average', float('nan')):.1f} during the timings, on {cpus} "
-                 "CPUs: a load above the CPU count means other work shared the machine)")  # fmt: skip
-    return text
-
-
-def markdown(report: dict[str, Any], charts: list[str]) -> str:
-    s = report["settings"]
-    device = _device(report)
-    lrs = ", ".join(f"{m} {lr:g}" for m, lr in s["lr"].items())
-    lines = [
-        "# slimtune: methods compared",
-        "",
-        f"Model `{s['model']}`, training data `{s['data']}`, held-out data `{s['eval_data']}`. "
-        f"Every method trains {s['max_steps']} steps of {s['batch_size']} rows (max length "
-        f"{s['max_length']}) with seed {s['seed']} on {device}; LoRA, QLoRA and DoRA adapt every linear "
-        f"layer (all-linear) at rank {s['rank']} (the sweep changes only the rank). Peak learning rates: {lrs}. `base` is the model before training.",
-        "",
-        "Latency is the time per generated token (greedy, KV cache, batch 1, "
-        f"{s['latency_tokens']} tokens), the fastest of 5 rounds in which all models take "
-        "turns in one process (merged models in a second pass beside the base model); the "
-        "rank-sweep runs are not timed. Training tokens/s is one forward+backward on the same "
-        f"batch of {s['batch_size']} training rows, the models taking turns in the same process "
-        "(fastest of 3 rounds; report.json also keeps each run's own average as "
-        "run_tokens_per_s). Memory on the CPU is the process's resident memory "
-        "sampled during training (weights included); on a GPU, PyTorch's peak allocation.",
-        "",
-        table(report),
-        "",
-        "## What the numbers show",
-        "",
-        *[f"- {sentence}" for sentence in findings(report)],
-        "",
-        "## Charts",
-        "",
-    ]
-    for name in charts:
-        lines += [f"### {CHARTS[name]}", "", f"![{CHARTS[name]}]({name})", ""]
-    lines += ["Regenerate with `make compare` (raw numbers: [report.json](report.json)).", ""]
-    return "\n".join(lines)
 
 
 def load_report(path: Path) -> dict[str, Any]:

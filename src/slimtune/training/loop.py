@@ -190,6 +190,7 @@ def train(
     run_config: dict[str, Any] | None = None,
     loss_fn: LossFn | None = None,
     objective: str | None = None,
+    stop_when: Callable[[dict[str, Any]], bool] | None = None,
 ) -> dict[str, Any]:
     """Train the parameters of `model` that require grad; write the run directory.
 
@@ -206,6 +207,8 @@ def train(
         overwrite: replace an existing non-empty out_dir.
         quiet: no progress bar.
         run_config: extra settings recorded in RUN/config.yaml (model, data, method …).
+        stop_when: called with each evaluation's record ({"step", "eval_loss", …}); training
+            ends early when it returns True (early stopping, e.g. `slimtune compare`).
         loss_fn: loss_fn(model, batch, chunk) -> (Σ token losses, label tokens); default:
             the objective's (training/preference_loss.py: objective_loss).
         objective: "sft", "dpo" or "orpo" (default: config.objective); dpo and orpo read
@@ -248,7 +251,7 @@ def train(
         run = _Loop(
             model, tokenizer, data, config, out, device, autocast, loss_fn, eval_data, quiet
         )
-        run.plan = plan
+        run.plan, run.stop_when = plan, stop_when
         with neftune(model, config.neftune_alpha), stop_on_signals() as run.signals:
             state = run.steps(optimizer, params, state, metrics)  # neftune: noise in training
         return finish(run, state, metrics, save_fn or default_save_fn)
@@ -276,6 +279,7 @@ class _Loop:
     quiet: bool
     signals: StopRequest | None = None  # stop_signals.py: set by Ctrl-C or SIGTERM
     plan: MemoryPlan | None = None  # training/memory.py; `auto` completes it after step 1
+    stop_when: Callable[[dict[str, Any]], bool] | None = None  # early stopping on eval records
 
     def steps(self, optimizer, params, state: dict, metrics: MetricsLog) -> dict:
         config, model = self.config, self.model
@@ -322,8 +326,11 @@ class _Loop:
                 loss=f"{loss:.4f}", **shown, tok_s=f"{tokens_per_s:,.0f}", refresh=False
             )
             bar.update(1)
+            stop = False
             if self.eval_data is not None and config.eval_every and step % config.eval_every == 0:
-                metrics.append({"step": step, **self.evaluate()})
+                record = {"step": step, **self.evaluate()}
+                metrics.append(record)
+                stop = self.stop_when is not None and self.stop_when(record)
             saved = bool(config.save_every) and step % config.save_every == 0
             if saved:
                 save_checkpoint(self.out, model, optimizer, state, config.keep_checkpoints)
@@ -333,6 +340,8 @@ class _Loop:
                     save_checkpoint(self.out, model, optimizer, state, config.keep_checkpoints)
                 bar.close()
                 raise Stopped(step, signum)
+            if stop:
+                break
         bar.close()
         return state
 
