@@ -41,17 +41,25 @@ bench: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/slimtune demo
 
-# every method on SmolLM2-135M and the demo data; writes docs/compare/ (about 15 min on a CPU)
+# every method on SmolLM2-135M and the demo data (plus the held-out split in new wordings), each
+# at its best of 3 learning rates, trained until validation loss plateaus, over 3 seeds; writes
+# docs/compare/ (sized for <= 30 min on an idle 2-core CPU; one thread per run, 2 at a time)
+COMPARE_DATA := src/slimtune/demo_data
 compare: $(STAMP)
-	$(BIN)/slimtune compare --model smollm2-135m --data src/slimtune/demo_data/train.jsonl \
-		--eval-data src/slimtune/demo_data/heldout.jsonl --methods lora,qlora,dora,ia3,prompt,adapter,full \
-		--ranks 1,2,8,64 --max-steps 12 --batch-size 4 --max-length 128 --jobs 3 --out docs/compare --overwrite
+	$(BIN)/slimtune compare --model smollm2-135m --data $(COMPARE_DATA)/train.jsonl \
+		--eval-data $(COMPARE_DATA)/heldout.jsonl --hard-eval-data $(COMPARE_DATA)/heldout_hard.jsonl \
+		--methods lora,qlora,dora,ia3,prompt,adapter,full --sweep-ranks 1,2 --lr-sweep \
+		--until-plateau 2 --eval-every 5 --max-steps 30 --val-rows 16 --seeds 3 --batch-size 4 \
+		--max-length 128 --jobs 2 --out docs/compare --overwrite
 
-# llama.cpp itself runs the exported GGUF files (llama-cpp-python builds from source: minutes)
+# llama.cpp itself runs the exported GGUF files: every family and type, SmolLM2's perplexity per
+# type, and the demo adapter as Q4_K_M (llama-cpp-python builds from source: minutes; the demo
+# run, if runs/demo has none: about 10 minutes on a 2-core CPU)
 test-llamacpp: $(STAMP)
 	$(BIN)/python -c "import llama_cpp" 2>/dev/null || \
-		CMAKE_ARGS="-DGGML_NATIVE=OFF" $(BIN)/python -m pip install -q llama-cpp-python
-	$(BIN)/python -m pytest -q -ra -m llamacpp tests/export/test_export.py
+		CMAKE_ARGS="-DGGML_NATIVE=OFF" $(BIN)/python -m pip install -q 'llama-cpp-python>=0.3'
+	test -f runs/demo/summary.json || $(BIN)/slimtune demo --quiet
+	$(BIN)/python -m pytest -q -ra -m llamacpp tests/export
 
 # the web app in headless Chromium (Debian's package, driven by Playwright; no browser
 # download): trains, chats, exports; screenshots into docs/ui/
