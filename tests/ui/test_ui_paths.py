@@ -65,7 +65,9 @@ def test_empty_nul_and_wrong_types_are_refused(root):
 def test_builtin_names_are_not_paths(root):
     assert root.model("smollm2-135m") == "smollm2-135m"
     demo = next(iter(demo_data()))
-    assert root.data(demo).name == "train.jsonl" and root.data(demo).is_file()
+    copied = root.data(demo)  # copied into the root, so commands name a file under it
+    assert copied == root.path / "data" / "demo" / "train.jsonl"
+    assert copied.read_bytes() == demo_data()[demo].read_bytes()
 
 
 def test_scan_finds_models_data_runs_and_adapters(root, tiny_llama_dir):

@@ -25,7 +25,7 @@ from pathlib import Path
 from slimtune.errors import SlimtuneError
 
 SLOTS = {"train": "train", "compare": "train", "eval": "eval", "export": "export"}
-ERROR_LINE = re.compile(r"^slimtune( \w+)?: (error|interrupted)")
+ERROR_LINE = re.compile(r"^slimtune( \w+)?: (error|interrupted|internal error)")
 
 
 def command_line(args: list[str]) -> str:

@@ -68,17 +68,31 @@ class Root:
             return text
         return str(self.resolve(text, "model"))
 
-    def data(self, text: str, what: str = "data") -> Path:
-        """A data file: a bundled demo set by name, or a .jsonl / .txt file inside the root."""
+    def data(self, text: str, what: str = "data", copy: bool = True) -> Path:
+        """A data file inside the root; a bundled demo set by name is copied to ROOT/data/demo/
+        first (unless only read: copy=False), so that every command names a file under the
+        root and runs from it."""
         demos = demo_data()
         if (text or "").strip() in demos:
-            return demos[text.strip()]
+            source = demos[text.strip()]
+            return self.copy_in(source, Path("data") / "demo") if copy else source
         path = self.resolve(text, what)
         if not path.is_file():
             raise SlimtuneError(f"{what} {text!r} is not a file inside {self.path}")
         if path.suffix not in DATA_SUFFIXES:
             raise SlimtuneError(f"{what} {text!r}: give a {', '.join(DATA_SUFFIXES)} file")
         return path
+
+    def copy_in(self, source: Path, folder: Path) -> Path:
+        """ROOT/folder/source.name, written (atomically) unless it already holds the same bytes."""
+        target = self.path / folder / source.name
+        data = source.read_bytes()
+        if not target.is_file() or target.read_bytes() != data:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+            tmp.write_bytes(data)
+            os.replace(tmp, target)
+        return target
 
     def walk(self, depth: int = 4, budget: int = 20000):
         """(folder, file names) under the root, a few levels deep, hidden folders skipped."""

@@ -124,7 +124,7 @@ def build(ctx: Context) -> list:
     def on_data(model_text, data_text, max_length):
         if not data_text:
             return {data_format: "", data_rows: ""}
-        line, rows = preview(ctx.root.model(model_text), ctx.root.data(data_text),
+        line, rows = preview(ctx.root.model(model_text), ctx.root.data(data_text, copy=False),
                              int(max_length or default_of("max_length")))  # fmt: skip
         return {data_format: line, data_rows: rows, status: ""}
 
@@ -160,4 +160,6 @@ def build(ctx: Context) -> list:
         return (gr.Dropdown(choices=ctx.root.model_choices(found)), gr.Dropdown(choices=files),
                 gr.Dropdown(choices=["", *files]))  # fmt: skip
 
-    return [(on_load, None, [model, data, eval_data])]
+    # the preview of the default data shows on arrival, not only after a change
+    return [(on_load, None, [model, data, eval_data]),
+            (on_data, [model, data, max_length], outputs)]  # fmt: skip
