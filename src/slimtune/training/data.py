@@ -115,8 +115,12 @@ def tokenize_messages(tokenizer, messages: list[dict[str, str]], prompt_turns: i
     for i, turn in enumerate(messages):
         if turn["role"] != "assistant" or i < prompt_turns:
             continue
-        prefix = render(tokenizer, messages[:i], generation_prompt=True)
         content = turn["content"].strip()
+        if i:
+            prefix = render(tokenizer, messages[:i], generation_prompt=True)
+        else:  # the assistant speaks first: the template's text up to its content
+            first = render(tokenizer, messages[:1], generation_prompt=False)
+            prefix = first[: first.rfind(content)]
         start = full.find(content, len(prefix)) if full.startswith(prefix) else -1
         if start < done:
             raise SlimtuneError("the chat template does not render conversations prefix by prefix")
