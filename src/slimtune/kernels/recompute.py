@@ -25,8 +25,8 @@ _PROBE: list[tuple[int, int]] | None = None  # (bytes kept by one layer's forwar
 
 def probe_activations(record: list[tuple[int, int]] | None) -> None:
     """Start (a list) or stop (None) recording, for each layer recomputed on a GPU, how many
-    bytes its forward keeps for backward and for how many tokens: what that layer would hold
-    through the whole step if it were not recomputed (training/memory.py plans with it)."""
+    bytes its forward keeps for backward (its output aside) and for how many tokens: what that
+    layer would hold through the whole step if it were not recomputed (training/memory.py)."""
     global _PROBE
     _PROBE = record
 
@@ -71,8 +71,8 @@ class _Checkpoint(torch.autograd.Function):
             probe = _PROBE is not None and hidden.is_cuda
             before = torch.cuda.memory_allocated(ctx.device) if probe else 0
             out = ctx.run(hidden)
-            if probe:
-                used = torch.cuda.memory_allocated(ctx.device) - before
+            if probe:  # the output is the next layer's input, kept in any case: not counted
+                used = torch.cuda.memory_allocated(ctx.device) - before - out.nbytes
                 _PROBE.append((used, hidden.shape[:-1].numel()))
         torch.autograd.backward(out, grad)
         return None, None, hidden.grad, None
