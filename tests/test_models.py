@@ -82,7 +82,7 @@ def test_streamed_sharded_directory_equals_from_pretrained(
 ):
     from transformers import AutoModelForCausalLM
 
-    from slimtune.models import streamed_model
+    from slimtune.weights import streamed_model
 
     source = make_tiny_llama_dir(tie_word_embeddings=tied)
     sharded = _sharded_copy(source, tmp_path / "sharded")
@@ -169,7 +169,7 @@ def test_names_that_do_not_line_up_fall_back_to_from_pretrained(make_tiny_llama_
     """A checkpoint whose names transformers would rename is not streamed (None: load plainly)."""
     from safetensors.torch import load_file, save_file
 
-    from slimtune.models import streamed_model
+    from slimtune.weights import streamed_model
 
     source = make_tiny_llama_dir(tie_word_embeddings=False)
     tensors = load_file(source / "model.safetensors")
