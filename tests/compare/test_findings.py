@@ -116,7 +116,8 @@ def test_ranks_lora_full_and_qlora(tmp_path):
         "81% (75–88%) against 85% (80–90%) for r=8, the best rank: no measurable difference" in r1
     )
     assert "step 80 (70–90)" in r1 and "step 40 (30–50)" in r1
-    assert "after 10 steps it stood at 1.600 against 0.600" in r1  # mean of the seeds' curves
+    # the mean of the seeds' curves at the first evaluation
+    assert "after 10 steps its validation loss stood at 1.600 against 0.600, so a budget" in r1
     r2 = said(report, "**LoRA at r=2 does not suffice on this task**")
     assert "45% (40–50%) against 85% (80–90%)" in r2 and "(-40 points)" in r2
     full = said(report, "**LoRA (r=8) reaches full fine-tuning**")
@@ -149,6 +150,15 @@ def test_latency_prompt_and_best(tmp_path):
     slow = synthetic(tmp_path, lora={"merged_ms_per_token": 12.0}, adapter={"ms_per_token": 10.2})
     assert said(slow, "**Bottleneck adapters did not measurably add inference latency**")
     assert said(slow, "**Merged into the weights, LoRA still differ")
+
+
+def test_runs_stopped_by_the_cap_are_named(tmp_path):
+    report = synthetic(tmp_path, prompt={"plateau_step": fig(100, 100, 90)})
+    report["settings"]["max_steps"] = 100
+    capped = said(report, "**Still improving at the 100-step cap**")
+    assert "prompt (2 of 3 seeds)" in capped and "lora" not in capped
+    report["settings"]["max_steps"] = 200
+    assert not [s for s in findings(report) if "cap**" in s]
 
 
 def test_one_seed_says_so(tmp_path):

@@ -34,6 +34,18 @@ def _style(i: int) -> dict[str, Any]:
     return {"color": f"C{i % 10}", "marker": MARKERS[i % len(MARKERS)]}
 
 
+def _plain_log(ax, axis: str = "y") -> None:
+    """A log axis labelled 0.05, 0.1, 0.2, 0.5, 1, 2 … instead of 5×10⁻², 10⁻¹ …"""
+    from matplotlib import ticker
+
+    target = ax.yaxis if axis == "y" else ax.xaxis
+    (ax.set_yscale if axis == "y" else ax.set_xscale)("log")
+    plain = ticker.FuncFormatter(lambda v, _: f"{v:g}")
+    target.set_major_formatter(plain)
+    target.set_minor_locator(ticker.LogLocator(subs=(2, 5)))
+    target.set_minor_formatter(plain)
+
+
 def _whiskers(figures: list[dict[str, Any]], scale: float = 1.0) -> list[list[float]]:
     """yerr for matplotlib: [[mean - min …], [max - mean …]]."""
     return [[scale * (f["mean"] - f["min"]) for f in figures],
@@ -97,7 +109,7 @@ def quality_vs_params(runs: list[dict[str, Any]], path: Path) -> bool:
     if base:
         ax.axhline(base["heldout_loss"]["mean"], color="grey", linestyle=":", label="base model")
     ax.set_xscale("log")
-    ax.set_yscale("log")
+    _plain_log(ax)
     ax.set_xlabel("trainable parameters (log)")
     ax.set_ylabel("held-out loss (log; lower is better)")
     ax.set_title("Quality against trainable parameters")
@@ -148,7 +160,7 @@ def lr_sweep(report: dict[str, Any], path: Path) -> bool:
         done = [p for p in points if p["val_loss"] is not None]
         ax.plot([p["lr"] for p in done], [p["val_loss"] for p in done], label=label, **_style(i))
     ax.set_xscale("log")
-    ax.set_yscale("log")
+    _plain_log(ax)
     ax.set_xlabel("peak learning rate (log)")
     ax.set_ylabel("best validation loss (log)")
     ax.set_title("Learning-rate sweep (first seed)")

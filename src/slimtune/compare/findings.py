@@ -110,8 +110,9 @@ def rank_findings(report: dict[str, Any]) -> list[str]:
             first = run["curves"][0]["curve"][0][0] if run.get("curves") else None
             mine, theirs = _val_at(run, first), _val_at(best, first)
             if mine is not None and theirs is not None:
-                text += (f"; after {first} steps it stood at {mine:.3f} against {theirs:.3f}, "
-                         "so a budget that short understates it")  # fmt: skip
+                text += f"; after {first} steps its validation loss stood at {mine:.3f} against {theirs:.3f}"
+                if mine > theirs * 1.05:  # more than 5% behind: a short budget misjudges it
+                    text += ", so a budget that short understates it"
             text += "."
         said.append(text)
     return said
@@ -255,8 +256,23 @@ def sweep_findings(report: dict[str, Any]) -> list[str]:
     return [text]
 
 
+def cap_findings(report: dict[str, Any]) -> list[str]:
+    """Runs whose validation loss was still falling when --max-steps ended them."""
+    cap = report["settings"].get("max_steps")
+    capped = []
+    for run in report["runs"]:
+        best = run.get("plateau_step")
+        if cap and best and cap in best["values"]:
+            capped.append(f"{run['label']} ({best['values'].count(cap)} of {best['n']} seeds)")
+    if not capped:
+        return []
+    return [f"**Still improving at the {cap}-step cap**: {', '.join(capped)}: their validation "
+            "loss was lowest at the last step, so their figures are a lower bound on what "
+            "longer training gives."]  # fmt: skip
+
+
 def findings(report: dict[str, Any]) -> list[str]:
     """Every sentence, in the order of the notes' questions."""
     return (rank_findings(report) + lora_vs_full(report) + qlora_findings(report)
             + latency_findings(report) + prompt_findings(report) + best_findings(report)
-            + sweep_findings(report))  # fmt: skip
+            + cap_findings(report) + sweep_findings(report))  # fmt: skip

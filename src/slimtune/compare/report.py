@@ -104,9 +104,11 @@ def header(report: dict[str, Any]) -> list[str]:
     load = h.get("load_average_runs") or {}
     threads = f"; training with {h.get('train_threads', '?')} thread(s) per run, {s['jobs']} run(s) at a time"
     if where == "cpu" and load:
-        threads += (f", load average {load['mean']:.1f} during the runs and "
-                    f"{h.get('load_average_timing') or 0:.1f} during the timings (above the core "
-                    "count, other work shared the machine)")  # fmt: skip
+        timing = h.get("load_average_timing") or 0
+        threads += (f", load average {load['mean']:.1f} during the runs and {timing:.1f} during "
+                    "the timings")  # fmt: skip
+        if max(load["mean"], timing) > (hw.get("cpu_count") or 1):
+            threads += " (above the core count: other work shared the machine)"
     data = f"training data `{s['data']}` ({rows.get('train', '?')} rows train, {rows.get('validation') or 0} carved out for validation)"
     held = f"held-out `{s['eval_data']}` ({rows.get('heldout', '?')} rows)"
     if s.get("hard_eval_data"):
@@ -114,7 +116,7 @@ def header(report: dict[str, Any]) -> list[str]:
     stop = (f"until the validation loss has not improved for {s['patience']} evaluation(s) in a row "
             f"(every {s['eval_every']} steps; at most {s['max_steps']} steps)") if s.get("patience") \
         else f"{s['max_steps']} steps"  # fmt: skip
-    sweep = (f"the best of the learning rates {', '.join(f'{f:g}×' for f in s['lr_factors'])} each "
+    sweep = (f"the best of the learning rates {', '.join(f'{f:.2g}×' for f in s['lr_factors'])} each "
              "method's default (lowest validation loss, first seed)") if s.get("lr_factors") \
         else "each method's default learning rate"  # fmt: skip
     seeds = f"{s['seeds']} seeds ({s['seed']}…{s['seed'] + s['seeds'] - 1})" if s.get("seeds", 1) > 1 \
