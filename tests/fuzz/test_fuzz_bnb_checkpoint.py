@@ -66,7 +66,7 @@ def test_damaged_bnb_file(good, data, tmp_path):
     loads_or_names(path)
 
 
-@examples(100)
+@examples(50)
 @given(data=st.data(), value=json_values())
 def test_wrong_types_in_quant_state(good, data, value, tmp_path):
     tensors, _ = load_safetensors(good)
@@ -79,7 +79,7 @@ def test_wrong_types_in_quant_state(good, data, value, tmp_path):
     loads_or_names(path)
 
 
-@examples(60)
+@examples(40)
 @given(data=st.data())
 def test_tensors_of_the_wrong_shape_or_dtype(good, data, tmp_path):
     tensors, _ = load_safetensors(good)

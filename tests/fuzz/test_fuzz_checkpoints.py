@@ -75,7 +75,7 @@ def test_damaged_checkpoint_file(saved, name, data, tmp_path):
     loads_or_names(copy_with(saved, tmp_path, name, data.draw(strategy)))
 
 
-@examples(80)
+@examples(50)
 @given(data=st.data(), value=json_values())
 def test_wrong_types_in_state_json(saved, data, value, tmp_path):
     state = json.loads((saved / "state.json").read_text())

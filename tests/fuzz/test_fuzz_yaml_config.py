@@ -52,7 +52,7 @@ def test_wrong_types_in_yaml(key, value, tmp_path):
 
 def test_deep_nesting_and_binary_name_the_file(tmp_path):
     config = tmp_path / "run.yaml"
-    for content in (b"a: " + b"[" * 50_000, b"\xff\xfe\x00garbage", b"\x00" * 10):
+    for content in (b"a: " + b"[" * 1_000, b"\xff\xfe\x00garbage", b"\x00" * 10):
         config.write_bytes(content)
         try:
             read_yaml(config)

@@ -42,7 +42,7 @@ def wait_for_steps(proc, run, n: int) -> None:
     while time.time() < deadline and proc.poll() is None:
         if metrics.is_file() and len(metrics.read_text().splitlines()) >= n:
             return
-        time.sleep(0.005)
+        time.sleep(0.02)
     raise AssertionError(f"the run ended or stalled before step {n}: {proc.poll()}")
 
 
@@ -64,10 +64,9 @@ def test_first_signal_checkpoints_and_resume_is_bit_identical(common, tmp_path, 
     assert 3 <= step < STEPS
     assert [p.name for p in list_checkpoints(stopped)] == [f"step-{step:06d}"]  # --save-every 0
     assert not (stopped / "adapter").exists()
-
-    assert main([*common, "--out", str(stopped), "--resume"]) == 0
-    if signum == signal.SIGTERM:  # the same path as SIGINT: one reference run is enough
+    if signum == signal.SIGTERM:  # the same path as SIGINT from here on: resumed once, there
         return
+    assert main([*common, "--out", str(stopped), "--resume"]) == 0
     assert main([*common, "--save-every", "0", "--out", str(reference)]) == 0
     ours, theirs = adapter(stopped), adapter(reference)
     assert ours.keys() == theirs.keys()
