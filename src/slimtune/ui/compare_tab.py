@@ -62,7 +62,8 @@ def build(ctx: Context) -> list:
     run = gr.Button("Compare", variant="primary", elem_id="compare-run")
     status = gr.HTML(elem_id="compare-status")
     report = gr.Markdown(elem_id="compare-report")
-    charts = gr.Gallery(label="charts", columns=2, height="auto", elem_id="compare-charts")
+    charts = gr.Gallery(label="charts", columns=3, height=420, object_fit="contain",
+                        elem_id="compare-charts")  # fmt: skip
 
     @guarded(status)
     def on_compare(*values):
