@@ -172,3 +172,13 @@ def test_errors_are_one_line_and_named():
             call()
         message = str(info.value)
         assert name in message and "\n" not in message
+
+
+def test_dequantize_nf4_is_bitsandbytes_reference():
+    """The NF4 reference the Triton kernel is compared with, against bitsandbytes' own."""
+    w = torch.randn(9, 130, generator=torch.Generator().manual_seed(4))
+    packed, state = bnbf.quantize_4bit(w, blocksize=64, compress_statistics=False, quant_type="nf4")
+    for dtype in DTYPES:
+        ours = nf4.dequantize_nf4(packed, state.absmax, 64, w.shape, dtype)
+        theirs = _bnb_reference_dequant(packed, state.absmax, "nf4", 64, w.shape, dtype)
+        assert ours.dtype == dtype and torch.equal(_bits(ours), _bits(theirs))
