@@ -7,6 +7,7 @@ that names the field, the value and what is accepted.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -172,6 +173,13 @@ PREFERENCE_SETTINGS = {"beta": ("dpo", 0.1), "dpo_loss": ("dpo", "sigmoid"),
                        "label_smoothing": ("dpo", 0.0), "orpo_lambda": ("orpo", 0.1)}  # fmt: skip
 
 
+def _number(value: object) -> float:
+    """`value` as a float when it is a number (not a bool); NaN otherwise, which every range
+    check refuses (a YAML file can hold a string or a list where a number belongs)."""
+    ok = isinstance(value, int | float) and not isinstance(value, bool)
+    return float(value) if ok else math.nan
+
+
 def _check_objective(config: Any) -> None:
     """The objective and its settings; a setting of another objective is an error, not ignored."""
     name = type(config).__name__
@@ -271,13 +279,13 @@ class TrainConfig:
         if self.precision not in PRECISIONS:
             raise _fail(name, "precision", self.precision, "'auto', 'fp32' or 'bf16'")
         for key in ("adam_beta1", "adam_beta2"):
-            if not 0.0 <= float(getattr(self, key)) < 1.0:
+            if not 0.0 <= _number(getattr(self, key)) < 1.0:
                 raise _fail(name, key, getattr(self, key), "a number in [0, 1)")
-        if float(self.adam_eps) <= 0:
+        if not _number(self.adam_eps) > 0:
             raise _fail(name, "adam_eps", self.adam_eps, "a number > 0")
-        if float(self.weight_decay) < 0 or float(self.max_grad_norm) < 0:
-            key = "weight_decay" if float(self.weight_decay) < 0 else "max_grad_norm"
-            raise _fail(name, key, getattr(self, key), "a number >= 0")
+        for key in ("weight_decay", "max_grad_norm"):
+            if not _number(getattr(self, key)) >= 0:
+                raise _fail(name, key, getattr(self, key), "a number >= 0")
         _check_objective(self)
         if not _checkpointing_ok(self.checkpointing):
             raise _fail(

@@ -137,7 +137,14 @@ def model_directory(spec: str | os.PathLike) -> Path:
         check_gguf(path)  # declared sizes against the file's, before transformers reads it
         try:
             _convert_gguf(path, target)
-        except (ValueError, KeyError, IndexError, struct.error, UnicodeDecodeError) as exc:
+        except (
+            ValueError,
+            KeyError,
+            IndexError,
+            RuntimeError,
+            struct.error,
+            UnicodeDecodeError,
+        ) as exc:  # transformers reads a damaged GGUF in many ways
             raise SlimtuneError(f"{path}: not a GGUF model transformers can read ({exc})") from None
     return target
 

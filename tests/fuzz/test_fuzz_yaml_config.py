@@ -8,7 +8,7 @@ import re
 
 import yaml
 from fuzz_bytes import damaged, examples, json_values
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 from slimtune.cli.train import RUN_KEYS, TRAIN_KEYS, read_yaml, resolve
@@ -44,6 +44,8 @@ def test_damaged_yaml_config(bad, tmp_path):
 
 @examples(150)
 @given(key=st.sampled_from(sorted(set(RUN_KEYS + TRAIN_KEYS))), value=json_values())
+@example(key="adam_beta1", value="")  # found by `make fuzz`: float("") in TrainConfig
+@example(key="method", value=[])  # found by `make fuzz`: a list where a name belongs
 def test_wrong_types_in_yaml(key, value, tmp_path):
     config = tmp_path / "run.yaml"
     config.write_text(yaml.safe_dump({**GOOD, key: value}))
