@@ -130,6 +130,16 @@ def test_plans_and_bad_input():
                      ("lora-r4", 5e-4, 1), ("lora-r4", 5e-4, 2)]  # fmt: skip
 
 
+def test_a_sweep_without_validation_rows_is_refused(tmp_path):
+    from slimtune.compare.run import compare
+
+    data = _write(tmp_path / "rows.jsonl", ROWS)
+    settings = CompareSettings(model="m", data=str(data), eval_data=str(data), lr_factors=(1, 3))
+    with pytest.raises(SlimtuneError, match="needs validation rows"):
+        compare(settings, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
 def test_compare_flags_errors(tiny_llama_dir, tmp_path, capsys):
     data = _write(tmp_path / "rows.jsonl", ROWS)
     base = ["compare", "--model", str(tiny_llama_dir), "--data", str(data), "--out",

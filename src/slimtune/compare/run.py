@@ -291,6 +291,10 @@ def compare(
     for path in (settings.data, settings.eval_data, settings.hard_eval_data):
         if path is not None and not Path(path).is_file():
             raise SlimtuneError(f"compare: data file {path} does not exist")
+    if (settings.lr_factors or settings.patience) and not settings.val_rows:
+        raise SlimtuneError(
+            "compare: an lr sweep or a plateau needs validation rows (val_rows > 0)"
+        )
     out, began = Path(out_dir), time.time()
     given_data = settings.data
     if settings.val_rows:
