@@ -463,15 +463,20 @@ def _demo_flags(p: argparse.ArgumentParser) -> None:
 
 
 def _ui_flags(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("serving")
-    g.add_argument("--host", default="127.0.0.1", help="address to serve on; another than "
+    g = _groups(p)
+    g["data"].add_argument("--root", default=".", metavar="DIR", help="the only folder the app "
+                           "reads and writes; typed and uploaded paths are resolved inside it")  # fmt: skip
+    g["data"].add_argument(
+        "--max-upload-mb", type=int, default=100, metavar="MB", help="largest upload"
+    )
+    o = g["output"]
+    o.add_argument("--host", default="127.0.0.1", help="address to serve on; another than "
                    "loopback needs --auth or --auth-file")  # fmt: skip
-    g.add_argument("--port", type=int, default=7860, help="port")
-    g.add_argument("--root", default=".", metavar="DIR", help="the only folder the app reads "
-                   "and writes; typed and uploaded paths are resolved inside it")  # fmt: skip
-    g.add_argument("--auth", default=None, metavar="USER:PASSWORD", help="password for the page")
-    g.add_argument("--auth-file", default=None, metavar="FILE", help="file holding USER:PASSWORD")
-    g.add_argument("--max-upload-mb", type=int, default=100, help="largest upload accepted")
+    o.add_argument("--port", type=int, default=7860, metavar="N", help="port")
+    o.add_argument("--auth", default=None, metavar="USER:PASSWORD",
+                   help="password for the page (default: none, loopback only)")  # fmt: skip
+    o.add_argument("--auth-file", default=None, metavar="FILE",
+                   help="file holding USER:PASSWORD (default: none)")  # fmt: skip
 
 
 # command: (flags, one-line help, example epilogue)
