@@ -149,3 +149,15 @@ def test_evaluate_over_http_matches_slimtune_eval(server, tmp_path):
     assert f"<td>{100 * reference['exact_match']:.1f}%</td>" in page
     outputs = call(logged_in(url), "eval_run", "tiny", "", "../secret.jsonl", 64, False)
     assert any("data '../secret.jsonl' is refused" in str(o) for o in outputs)
+
+
+def test_without_the_extra_one_line_says_how_to_install_it(tmp_path, capsys, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "gradio" else real(name, *a))  # fmt: skip
+    assert main(["ui", "--root", str(tmp_path)]) == 1
+    assert capsys.readouterr().err == (
+        "slimtune ui: error: the web app needs Gradio: pip install 'slimtune[ui]'\n"
+    )
