@@ -32,10 +32,10 @@ from slimtune.cli.demo import LORA, MODEL, TARGETS, command_name, demo_file, pic
 from slimtune.config import TrainConfig
 
 TRAIN = TrainConfig(
-    objective="dpo", beta=0.1, max_steps=24, batch_size=4, lr=1e-3, warmup_steps=2,
-    schedule="cosine", save_every=12, max_length=160, seed=0,
+    objective="dpo", beta=0.1, max_steps=8, batch_size=4, lr=1e-3, warmup_steps=2,
+    schedule="cosine", save_every=4, max_length=160, seed=0,
 )  # fmt: skip
-BUDGET = 40  # new tokens per held-out answer: enough for one sentence, not for a ramble
+BUDGET = 28  # new tokens per held-out answer: enough for one sentence, not for a ramble
 TRY_PROMPT = "How many legs does a zebra have?"
 
 
@@ -53,7 +53,7 @@ def held_out(model, tokenizer, data, loss) -> dict[str, Any]:
 
     questions = [row["prompt"] for row in data.rows]
     prompts = [encode(tokenizer, render(tokenizer, q, generation_prompt=True)) for q in questions]
-    answers = greedy_continuations(model, tokenizer, prompts, [BUDGET] * len(prompts), 10)
+    answers = greedy_continuations(model, tokenizer, prompts, [BUDGET] * len(prompts), 30)
     rewards = preference_eval(model, data, loss, batch_size=8)
     examples = [
         {"question": q[-1]["content"], "answer": a, "one_sentence": one_sentence(a)}
