@@ -94,3 +94,35 @@ def test_generate_stops_at_the_end_token(chain, chain_dir, capsys):
     argv = ["generate", "--model", str(chain_dir), "--prompt", "hello", "--max-new-tokens", "20"]
     assert main(argv) == 0
     assert capsys.readouterr().out == "hi\n"
+
+
+def test_evaluate_counts_formats_and_the_exact_match_switch(chain, tmp_path):
+    model, tokenizer = chain
+    path = tmp_path / "d.jsonl"
+    path.write_text("".join(json.dumps({"prompt": p, "completion": c}) + "\n" for p, c in ROWS))
+    data = load_dataset(path, tokenizer, 64)
+    result = evaluate(model, tokenizer, data)
+    # scored tokens: each completion's characters and its end token (one token per char)
+    assert result["tokens"] == sum(len(c) + 1 for _, c in ROWS)
+    assert result["format"] == "prompt_completion" and result["rows"] == len(ROWS)
+    assert "exact_match" not in evaluate(model, tokenizer, data, with_exact_match=False)
+    chat = tmp_path / "chat.jsonl"
+    rows = [[{"role": "user", "content": "hello"}, {"role": "assistant", "content": answer}]
+            for answer in ("hi", "no", "hi there")]  # fmt: skip
+    chat.write_text("".join(json.dumps({"messages": m}) + "\n" for m in rows))
+    result = evaluate(model, tokenizer, load_dataset(chat, tokenizer, 64))
+    assert result["format"] == "messages"
+    assert result["exact_match"] == 1 / 3  # walk("\n") is "hi": it starts only the first
+    assert result["tokens"] == sum(len(m[-1]["content"]) + 1 for m in rows)
+
+
+def test_the_default_stride_is_half_the_window(tiny_llama, tmp_path):
+    from test_evaluate import hand_sliding_loss
+
+    model, tokenizer = tiny_llama
+    path = tmp_path / "book.txt"
+    path.write_text("the quick brown fox jumps over the lazy dog. " * 2)
+    ids = tokenizer(path.read_text())["input_ids"] + [tokenizer.eos_token_id]
+    result = evaluate(model, tokenizer, path, max_length=24)
+    assert abs(result["loss"] - hand_sliding_loss(model, ids, 24, 12)) < 1e-5 * result["loss"]
+    assert abs(result["loss"] - hand_sliding_loss(model, ids, 24, 8)) > 1e-4  # stride matters
