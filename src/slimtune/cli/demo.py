@@ -82,10 +82,6 @@ def run(args: argparse.Namespace) -> int:
     from slimtune.training.rundir import check_run_dir
     from slimtune.training.setup import adapter_saver
 
-    if getattr(args, "preference", False):  # DPO: prefer one answer style (demo_preference.py)
-        from slimtune.cli.demo_preference import run as run_preference
-
-        return run_preference(args)
     out = check_run_dir(args.out or "runs/demo", resume=False, overwrite=args.overwrite)
     began = time.perf_counter()
     quiet_transformers(args.quiet)

@@ -601,7 +601,8 @@ EXIT_USER_ERROR, EXIT_INTERNAL_ERROR, EXIT_INTERRUPTED, EXIT_CLOSED_PIPE = 1, 3,
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        code = int(_handler(args.command)(args) or 0)
+        module = "demo_preference" if getattr(args, "preference", False) else args.command
+        code = int(_handler(module)(args) or 0)  # demo --preference: cli/demo_preference.py
         sys.stdout.flush()  # a closed pipe shows here, not at interpreter exit
         return code
     except SlimtuneError as exc:
