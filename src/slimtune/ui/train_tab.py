@@ -120,12 +120,18 @@ def build(ctx: Context) -> list:
         ctx.jobs.start("train", [args], target=run)
         return {watched: ctx.root.relative(run), status: note(f"resumed: {command_line(args)}")}
 
+    asked: dict[str, int] = {}  # session -> number of its latest preview request
+
     @guarded(status)
-    def on_data(model_text, data_text, max_length):
+    def on_data(model_text, data_text, max_length, request: gr.Request):
+        session = getattr(request, "session_hash", None) or ""
+        mine = asked[session] = asked.get(session, 0) + 1
         if not data_text:
             return {data_format: "", data_rows: ""}
         line, rows = preview(ctx.root.model(model_text), ctx.root.data(data_text, copy=False),
                              int(max_length or default_of("max_length")))  # fmt: skip
+        if asked[session] != mine:  # a newer choice was made meanwhile: its preview wins
+            return {}
         return {data_format: line, data_rows: rows, status: ""}
 
     @guarded(status)
