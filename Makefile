@@ -41,6 +41,11 @@ bench: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/slimtune demo
 
+# the DPO demo: SmolLM2-135M learns to prefer one-sentence answers (runs/demo-preference)
+.PHONY: demo-preference
+demo-preference: $(STAMP)
+	$(BIN)/slimtune demo --preference
+
 # the methods the source notes ask about (LoRA at r=1, 2, 8, QLoRA, bottleneck adapters, prompt
 # tuning, full fine-tuning) on SmolLM2-135M and the demo data plus its held-out split in new
 # wordings: each at its best of 3 learning rates, stopped when validation loss plateaus (at most
