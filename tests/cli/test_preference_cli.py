@@ -222,6 +222,7 @@ BAD = {
                            "--label-smoothing 0.1 is not accepted: it applies to dpo_loss 'sigmoid' only"),
     "beta zero": (["--objective", "dpo", "--beta", "0"], "pref", "--beta 0.0 is not accepted: a number > 0"),
     "prompt tuning": (["--objective", "dpo", "--method", "prompt"], "pref", "a soft prompt (--method prompt) cannot be switched off"),
+    "several processes": (["--objective", "dpo", "--nproc", "2"], "pref", "--objective dpo runs in one process: drop --nproc"),
 }  # fmt: skip
 
 

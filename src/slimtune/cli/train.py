@@ -177,7 +177,9 @@ def run(args: argparse.Namespace) -> int:
     if getattr(args, "nproc", None) is not None:  # check here: one line, not one per process
         from slimtune.training.loop import check_run_dir
 
-        run_options, _ = resolve(args)
+        run_options, config = resolve(args)
+        if config.objective != "sft":
+            raise SlimtuneError(f"--objective {config.objective} runs in one process: drop --nproc")
         check_run_dir(run_options["out"], args.resume, args.overwrite)
         return distributed.launch(args)
     from slimtune.cli.run_config import recorded_options
