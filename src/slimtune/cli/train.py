@@ -95,6 +95,8 @@ def resolve(args: argparse.Namespace) -> tuple[dict[str, Any], TrainConfig]:
     options: dict[str, Any] = {"method": "lora"}
     for _, layer in layers(args):
         options.update(layer)
+    if args.resume and args.overwrite:
+        raise SlimtuneError("--resume continues a run and --overwrite replaces it: give one")
     if args.resume and options.get("out") and not (Path(options["out"]) / "config.yaml").is_file():
         raise SlimtuneError(f"--resume: {options['out']} holds no run (no config.yaml there)")
     for key in ("model", "data", "out"):
