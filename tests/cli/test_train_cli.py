@@ -132,7 +132,7 @@ CASES = {
     "lr big": (None, ["--lr", "3"], "--lr 3.0 is not accepted"),
     "rank zero": (None, ["--rank", "0"], "--rank 0 is not accepted: an integer > 0"),
     "config key": (None, ["--config", "CONFIG"], "unknown key 'learning_rte'; did you mean lr?"),
-    "resume": (None, ["--resume"], "holds no checkpoint to resume from"),
+    "resume": (None, ["--resume"], "holds no run"),
 }
 
 
@@ -176,4 +176,5 @@ def test_existing_run_directory_is_not_overwritten(tiny_llama_dir, data_file, tm
     assert "exists and is not empty" in capsys.readouterr().err
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
     assert main([*argv, "--overwrite"]) == 0
-    assert not (out / "keep.txt").exists() and (out / "adapter").is_dir()
+    # --overwrite replaces only a run's own files: the user's file stays
+    assert (out / "keep.txt").read_text() == "mine" and (out / "adapter").is_dir()
