@@ -51,6 +51,10 @@ def build(ctx: Context) -> gr.Blocks:
 def launch(ctx: Context, host: str, port: int, credentials: tuple[str, str] | None,
            block: bool = True):  # fmt: skip
     """Serve the app; returns (app, local URL) when block is False (tests)."""
+    # transformers resolves its names lazily, and two handler threads resolving the same name
+    # at once can fail with ImportError: resolve the ones the handlers use before serving
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer  # noqa: F401
+
     app = build(ctx)
     app.queue(default_concurrency_limit=4)
     atexit.register(ctx.jobs.stop_all)
