@@ -12,7 +12,8 @@ import argparse
 import peft
 import pytest
 
-from slimtune.cli.main import COMMANDS, build_parser, main
+from slimtune.cli.main import main
+from slimtune.cli.parser import COMMANDS, build_parser
 from slimtune.config import LoraConfig
 from slimtune.methods.lora.recipe import lora_config
 from slimtune.training.distributed import train_argv

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from slimtune.cli.main import build_parser
+from slimtune.cli.parser import build_parser
 from slimtune.config import TrainConfig
 from slimtune.errors import SlimtuneError
 from slimtune.training import distributed

@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 
-from slimtune.cli.main import build_parser
+from slimtune.cli.parser import build_parser
 from slimtune.errors import SlimtuneError
 from slimtune.ui.common import Context
 from slimtune.ui.paths import Root

@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 
-from slimtune.cli.main import build_parser
+from slimtune.cli.parser import build_parser
 from slimtune.cli.train import read_yaml, resolve
 from slimtune.errors import SlimtuneError
 from slimtune.ui.paths import Root
