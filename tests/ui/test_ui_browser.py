@@ -114,6 +114,8 @@ def chat_streams(page, tmp_path: Path) -> None:
 def export_gguf(page, root: Path, run: Path, tmp_path: Path) -> None:
     page.get_by_role("tab", name="Export").click()
     pick(page, "export-model", "tiny")
+    out_box = page.locator("#export-out textarea")  # filled in from the adapter's run name
+    wait_until(lambda: out_box.input_value() == f"exports/{run.name}", 30, "the output directory")
     page.locator("#export-run").click()
 
     def ended():
