@@ -55,10 +55,8 @@ def check_strings(row: Row, where: str, keys: tuple[str, ...]) -> None:
             raise SlimtuneError(f"{where}: field {key!r} must be a string")
 
 
-def check_messages(messages: Any, where: str, field: str = "messages", learn: bool = True) -> None:
-    """A non-empty list of {role, content} with known roles (and an assistant turn to learn)."""
-    if not isinstance(messages, list) or not messages:
-        raise SlimtuneError(f"{where}: {field!r} must be a non-empty list of {{role, content}}")
+def check_turns(messages: list, where: str) -> None:
+    """Every turn is a dict with a string 'content' and a known 'role'."""
     for turn in messages:
         if not isinstance(turn, dict) or not isinstance(turn.get("content"), str):
             raise SlimtuneError(f"{where}: each message needs a string 'content' and a 'role'")
@@ -66,6 +64,13 @@ def check_messages(messages: Any, where: str, field: str = "messages", learn: bo
             raise SlimtuneError(
                 f"{where}: role {turn.get('role')!r} is not one of {', '.join(ROLES)}"
             )
+
+
+def check_messages(messages: Any, where: str, field: str = "messages", learn: bool = True) -> None:
+    """A non-empty list of {role, content} with known roles (and an assistant turn to learn)."""
+    if not isinstance(messages, list) or not messages:
+        raise SlimtuneError(f"{where}: {field!r} must be a non-empty list of {{role, content}}")
+    check_turns(messages, where)
     if learn and not any(turn["role"] == "assistant" for turn in messages):
         raise SlimtuneError(f"{where}: a {field} row needs at least one assistant turn to learn")
 

@@ -37,12 +37,12 @@ from slimtune.training.data import (
     tokenize_messages,
     tokenize_prompt_completion,
 )
+from slimtune.training.formats import check_turns
 
 ACCEPTED = (
     '{"prompt", "chosen", "rejected"} (strings, or message lists) or {"chosen", "rejected"} '
     "(the prompt is the part they share)"
 )
-ROLES = ("system", "user", "assistant", "tool")
 
 
 @dataclass
@@ -138,13 +138,7 @@ def row_format(row: Any, where: str) -> str:
 def check_messages(messages: list, where: str, learn: bool) -> None:
     if not messages:
         raise SlimtuneError(f"{where} is an empty message list")
-    for turn in messages:
-        if not isinstance(turn, dict) or not isinstance(turn.get("content"), str):
-            raise SlimtuneError(f"{where}: each message needs a string 'content' and a 'role'")
-        if turn.get("role") not in ROLES:
-            raise SlimtuneError(
-                f"{where}: role {turn.get('role')!r} is not one of {', '.join(ROLES)}"
-            )
+    check_turns(messages, where)
     if learn and not any(turn["role"] == "assistant" for turn in messages):
         raise SlimtuneError(f"{where} has no assistant turn to learn")
 
