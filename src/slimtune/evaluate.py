@@ -17,6 +17,7 @@ not, with up to max_length - stride tokens of context before them:
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Callable
 from pathlib import Path
@@ -25,6 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from slimtune.errors import SlimtuneError
 from slimtune.training.data import (
     IGNORE_INDEX,
     Dataset,
@@ -249,3 +251,74 @@ def generate(
         **sampling,
     )
     return tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
+
+
+# ----------------------------------------------------------------------------- loading
+# (eval, generate and the web app's chat load a model and adapter the same way)
+
+
+def load_for_inference(
+    model_spec: str, adapter: str | None, quantize: str | None = None, force: bool = False
+):
+    """(model, tokenizer): the base model, quantized as the adapter trained (or as --quant,
+    see inference_quantization), with the adapter loaded."""
+    from slimtune.models import inference_placement, load_model, ready_for_gpu_inference
+
+    if adapter is not None and not Path(adapter).is_dir():
+        raise SlimtuneError(f"--adapter {adapter} is not a directory (give RUN/adapter)")
+    record = inference_quantization(quantize, trained_quantization(adapter), force)
+    placement = inference_placement((record or {}).get("dtype"))  # a GPU when there is one
+    model, tokenizer = load_model(model_spec, **placement)
+    if record:
+        from slimtune.quant.linear import quantize_model
+
+        settings = {k: record[k] for k in ("blocksize", "double_quant", "threshold") if k in record}
+        quantize_model(model, record["quant"], skip=record.get("skip", ["lm_head"]), **settings)
+    if adapter is not None:
+        from slimtune.adapter_dir import load_adapter
+        from slimtune.training.templates import adapter_chat_template
+
+        model = load_adapter(model, adapter)
+        adapter_chat_template(tokenizer, adapter)  # trained with --chat-template
+    if placement:
+        ready_for_gpu_inference(model, placement["dtype"])
+    model.eval()
+    return model, tokenizer
+
+
+def trained_quantization(adapter: str | None) -> dict[str, Any] | None:
+    """How the base of a QLoRA adapter was quantized in training (from its file's metadata)."""
+    if adapter is None:
+        return None
+    from slimtune.adapter_dir import read_adapter_metadata
+    from slimtune.quant.linear import METADATA_KEY
+
+    text = read_adapter_metadata(adapter).get(METADATA_KEY)
+    return json.loads(text) if text else None
+
+
+def inference_quantization(
+    quant: str | None, trained: dict[str, Any] | None, force: bool
+) -> dict[str, Any] | None:
+    """How to quantize the base for eval: as the adapter's metadata says it trained (QLoRA).
+
+    `--quant` that names another quantization than the recorded one measures a model that
+    was never trained; it is refused unless `--force` confirms it. `--quant` on an adapter
+    trained on an unquantized base (or on no adapter) quantizes the base as asked.
+    """
+    if force and (quant is None or trained is None or trained["quant"] == quant):
+        raise SlimtuneError(
+            "--force confirms a --quant that differs from the adapter's recorded "
+            "quantization; here there is none to confirm"
+        )
+    if quant is None or (trained is not None and trained["quant"] == quant):
+        return trained  # the recorded settings (block size, double quantization) too
+    if trained is None:
+        return {"quant": quant, "skip": ["lm_head"]}
+    if not force:
+        raise SlimtuneError(
+            f"--quant {quant}: this adapter was trained on a {trained['quant']} base (its "
+            f"metadata records it), so {quant} would score another model; leave --quant out "
+            "to use the recorded one, or add --force to score it anyway"
+        )
+    return {"quant": quant, "skip": trained.get("skip", ["lm_head"])}

@@ -62,30 +62,3 @@ def check_train_options(
         )
     if config.eval_every and not run.get("eval_data"):
         raise SlimtuneError(f"{given('eval_every', config.eval_every, sources)} needs --eval-data")
-
-
-def inference_quantization(
-    quant: str | None, trained: dict[str, Any] | None, force: bool
-) -> dict[str, Any] | None:
-    """How to quantize the base for eval: as the adapter's metadata says it trained (QLoRA).
-
-    `--quant` that names another quantization than the recorded one measures a model that
-    was never trained; it is refused unless `--force` confirms it. `--quant` on an adapter
-    trained on an unquantized base (or on no adapter) quantizes the base as asked.
-    """
-    if force and (quant is None or trained is None or trained["quant"] == quant):
-        raise SlimtuneError(
-            "--force confirms a --quant that differs from the adapter's recorded "
-            "quantization; here there is none to confirm"
-        )
-    if quant is None or (trained is not None and trained["quant"] == quant):
-        return trained  # the recorded settings (block size, double quantization) too
-    if trained is None:
-        return {"quant": quant, "skip": ["lm_head"]}
-    if not force:
-        raise SlimtuneError(
-            f"--quant {quant}: this adapter was trained on a {trained['quant']} base (its "
-            f"metadata records it), so {quant} would score another model; leave --quant out "
-            "to use the recorded one, or add --force to score it anyway"
-        )
-    return {"quant": quant, "skip": trained.get("skip", ["lm_head"])}

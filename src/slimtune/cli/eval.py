@@ -6,52 +6,11 @@ slimtune eval --model smollm2-135m --adapter runs/a/adapter --data test.jsonl --
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 from typing import Any
 
 from slimtune.errors import SlimtuneError
-
-
-def load_for_inference(
-    model_spec: str, adapter: str | None, quantize: str | None = None, force: bool = False
-):
-    """(model, tokenizer): the base model, quantized as the adapter trained (or as --quant,
-    see cli/applies.py), with the adapter loaded."""
-    from slimtune.cli.applies import inference_quantization
-    from slimtune.models import inference_placement, load_model, ready_for_gpu_inference
-
-    if adapter is not None and not Path(adapter).is_dir():
-        raise SlimtuneError(f"--adapter {adapter} is not a directory (give RUN/adapter)")
-    record = inference_quantization(quantize, trained_quantization(adapter), force)
-    placement = inference_placement((record or {}).get("dtype"))  # a GPU when there is one
-    model, tokenizer = load_model(model_spec, **placement)
-    if record:
-        from slimtune.quant.linear import quantize_model
-
-        settings = {k: record[k] for k in ("blocksize", "double_quant", "threshold") if k in record}
-        quantize_model(model, record["quant"], skip=record.get("skip", ["lm_head"]), **settings)
-    if adapter is not None:
-        from slimtune.adapter_dir import load_adapter
-        from slimtune.training.templates import adapter_chat_template
-
-        model = load_adapter(model, adapter)
-        adapter_chat_template(tokenizer, adapter)  # trained with --chat-template
-    if placement:
-        ready_for_gpu_inference(model, placement["dtype"])
-    model.eval()
-    return model, tokenizer
-
-
-def trained_quantization(adapter: str | None) -> dict[str, Any] | None:
-    """How the base of a QLoRA adapter was quantized in training (from its file's metadata)."""
-    if adapter is None:
-        return None
-    from slimtune.adapter_dir import read_adapter_metadata
-    from slimtune.quant.linear import METADATA_KEY
-
-    text = read_adapter_metadata(adapter).get(METADATA_KEY)
-    return json.loads(text) if text else None
+from slimtune.evaluate import load_for_inference, trained_quantization
 
 
 def table(result: dict[str, Any]) -> str:

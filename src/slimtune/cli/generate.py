@@ -12,9 +12,8 @@ from slimtune.errors import SlimtuneError
 
 
 def run(args: argparse.Namespace) -> int:
-    from slimtune.cli.eval import load_for_inference
     from slimtune.cli.train import quiet_transformers
-    from slimtune.evaluate import generate
+    from slimtune.evaluate import generate, load_for_inference
 
     if args.max_new_tokens <= 0:
         raise SlimtuneError(

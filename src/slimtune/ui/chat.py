@@ -10,7 +10,6 @@ cache, so switching between a few adapters does not reload the base each time.
 
 from __future__ import annotations
 
-import json
 import queue
 import threading
 from collections import OrderedDict
@@ -23,25 +22,11 @@ CACHE_SIZE = 3
 
 
 def load_for_chat(model_spec: str, adapter: Path | None):
-    """(model, tokenizer): the base (quantized as the adapter was trained on), adapter loaded."""
-    from slimtune.adapter_dir import load_adapter, read_adapter_metadata
-    from slimtune.models import load_model
+    """(model, tokenizer) as `slimtune eval`/`generate` load them: the base quantized as the
+    adapter was trained on, on the GPU when there is one, the adapter and its chat template."""
+    from slimtune.evaluate import load_for_inference
 
-    model, tokenizer = load_model(model_spec)
-    if adapter is not None:
-        from slimtune.quant.linear import METADATA_KEY, quantize_model
-
-        record = read_adapter_metadata(adapter).get(METADATA_KEY)
-        if record:
-            settings = json.loads(record)
-            extra = {k: settings[k] for k in ("blocksize", "double_quant", "threshold")
-                     if k in settings}  # fmt: skip
-            quantize_model(
-                model, settings["quant"], skip=settings.get("skip", ["lm_head"]), **extra
-            )
-        model = load_adapter(model, adapter)
-    model.eval()
-    return model, tokenizer
+    return load_for_inference(model_spec, None if adapter is None else str(adapter))
 
 
 class ModelCache:
