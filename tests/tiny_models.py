@@ -53,3 +53,30 @@ def tiny_bert(seed: int = 0) -> BertModel:
         max_position_embeddings=64,
     )
     return BertModel(config, add_pooling_layer=False).eval()
+
+
+FAMILY_SIZES = dict(vocab_size=256, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)  # fmt: skip
+
+
+def family_model(name: str, **overrides) -> torch.nn.Module:
+    """A tiny random causal LM of the family (fp32, CPU); `overrides` change FAMILY_SIZES."""
+    import transformers as tf
+
+    configs = {
+        "llama": (tf.LlamaConfig, tf.LlamaForCausalLM, {}),
+        "mistral": (tf.MistralConfig, tf.MistralForCausalLM, {}),
+        "qwen2": (tf.Qwen2Config, tf.Qwen2ForCausalLM, {}),
+        "qwen3": (tf.Qwen3Config, tf.Qwen3ForCausalLM, {"head_dim": 64}),
+        "gemma": (tf.GemmaConfig, tf.GemmaForCausalLM, {"head_dim": 64}),
+        "gemma2": (tf.Gemma2Config, tf.Gemma2ForCausalLM, {"head_dim": 64}),
+        "gemma3": (tf.Gemma3TextConfig, tf.Gemma3ForCausalLM, {"head_dim": 64}),
+        "phi3": (tf.Phi3Config, tf.Phi3ForCausalLM, {"pad_token_id": 0}),
+    }
+    config_class, model_class, extra = configs[name]
+    torch.manual_seed(0)
+    return model_class(config_class(**{**FAMILY_SIZES, **extra, **overrides})).eval()
+
+
+# the families the fast path covers (kernels/llama_ops.py)
+FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "phi3"]

@@ -11,30 +11,7 @@ import torch
 
 pytest.importorskip("triton")
 
-COMMON = dict(vocab_size=256, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
-              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)  # fmt: skip
-
-
-def family_model(name: str) -> torch.nn.Module:
-    """A tiny random causal LM of the family (fp32, CPU)."""
-    import transformers as tf
-
-    configs = {
-        "llama": (tf.LlamaConfig, tf.LlamaForCausalLM, {}),
-        "mistral": (tf.MistralConfig, tf.MistralForCausalLM, {}),
-        "qwen2": (tf.Qwen2Config, tf.Qwen2ForCausalLM, {}),
-        "qwen3": (tf.Qwen3Config, tf.Qwen3ForCausalLM, {"head_dim": 64}),
-        "gemma": (tf.GemmaConfig, tf.GemmaForCausalLM, {"head_dim": 64}),
-        "gemma2": (tf.Gemma2Config, tf.Gemma2ForCausalLM, {"head_dim": 64}),
-        "gemma3": (tf.Gemma3TextConfig, tf.Gemma3ForCausalLM, {"head_dim": 64}),
-        "phi3": (tf.Phi3Config, tf.Phi3ForCausalLM, {"pad_token_id": 0}),
-    }
-    config_class, model_class, extra = configs[name]
-    torch.manual_seed(0)
-    return model_class(config_class(**COMMON, **extra)).eval()
-
-
-FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "phi3"]
+from tiny_models import FAMILIES, family_model  # noqa: E402
 
 
 def test_every_family_builds_and_patches_on_cpu():
@@ -91,3 +68,36 @@ def test_kernels_on_and_off_agree_gpu(name, monkeypatch):
     for key, want in ref_grads.items():
         rel = ((grads[key] - want).norm() / want.norm().clamp(min=1e-12)).item()
         assert rel < 3e-2, (name, key, rel)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("name", FAMILIES)
+@pytest.mark.parametrize("offload", [False, True])
+def test_recomputation_on_the_fast_path_gives_the_same_step_gpu(name, offload, monkeypatch):
+    """Kernels on, every layer recomputed (its down projection's GEMM skipped where the family
+    allows, inputs offloaded on the copy stream): the same loss and gradients as no recomputation."""
+    import slimtune as st
+    from slimtune.kernels.llama_ops import patch_llama, unpatch_rope
+    from slimtune.kernels.recompute import enable_checkpointing
+
+    model = family_model(name).to("cuda", torch.bfloat16)
+    model = st.add_adapter(model, st.LoraConfig(r=8, lora_alpha=16, target_modules="all-linear"))
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if p.requires_grad:
+                p.data = p.data.float()
+                if "lora_B" in n:
+                    p.normal_(std=0.02)
+    model.train()
+    ids = torch.randint(0, 256, (2, 128), device="cuda")
+    assert patch_llama(model) >= 7
+    try:
+        ref_loss, ref_grads = _one_step(model, ids, True, monkeypatch)
+        enable_checkpointing(model, offload=offload)
+        loss, grads = _one_step(model, ids, True, monkeypatch)
+    finally:
+        unpatch_rope()
+    assert abs(loss - ref_loss) <= 1e-6 * abs(ref_loss), (name, loss, ref_loss)
+    for key, want in ref_grads.items():
+        torch.testing.assert_close(grads[key], want, rtol=1e-3, atol=1e-6, msg=key)

@@ -38,6 +38,17 @@ def test_auto_keeps_as_many_layers_as_the_budget_holds():
     assert choose_recomputation(m2, 40 * GiB, 32) == (32 - 4, False, 2 * GiB, 31 * GiB)
 
 
+def test_auto_counts_the_inputs_its_first_step_offloaded():
+    # step 1 ran with the 32 layer inputs (64 MiB each, 2 GiB in all) in CPU memory: "all"
+    # without offload needs them on the GPU as well, so peak_all is 21 + 2 GiB
+    probe = [(GiB, 8192, GiB // 16)] * 32
+    m = Measurements(10 * GiB, 20 * GiB, 11 * GiB, probe, 8192, offloaded=True)
+    assert choose_recomputation(m, 30 * GiB, 32) == (32 - 7, False, GiB, 23 * GiB)
+    assert choose_recomputation(m, 22 * GiB, 32)[:2] == (32, True)  # 23 > 22: stay offloaded
+    on_gpu = Measurements(10 * GiB, 20 * GiB, 11 * GiB, probe, 8192, offloaded=False)
+    assert choose_recomputation(on_gpu, 22 * GiB, 32)[:2] == (32 - 1, False)  # already in peak
+
+
 def test_cpu_auto_changes_nothing(tiny_llama, tmp_path):
     from transformers.modeling_layers import GradientCheckpointingLayer
 

@@ -26,6 +26,8 @@ import types
 import torch
 from torch import Tensor, nn
 
+from slimtune.kernels.lora import unread_projection
+from slimtune.kernels.recompute import recomputing
 from slimtune.quant.triton import _interpreted, kernels_enabled, triton
 
 if triton is not None:
@@ -294,10 +296,26 @@ def _gate_kind(act: nn.Module) -> bool | None:
     return None
 
 
+# Decoder layers whose MLP output goes straight into the residual sum (`residual + mlp(h)`,
+# Phi-3 with dropout between): backward needs none of its values (Gemma 2/3 normalise it first)
+RESIDUAL_LAST = {"LlamaDecoderLayer", "MistralDecoderLayer", "Qwen2DecoderLayer",
+                 "Qwen3DecoderLayer", "Phi3DecoderLayer", "GemmaDecoderLayer"}  # fmt: skip
+
+
+def _down(mlp: nn.Module, h: Tensor) -> Tensor:
+    """down_proj(h); while the layer is recomputed for backward, without its base GEMM where
+    only the residual sum reads it (kernels/lora.py `unread_projection`)."""
+    if recomputing() and getattr(mlp, "feeds_residual_only", False):
+        y = unread_projection(mlp.down_proj, h)
+        if y is not None:
+            return y
+    return mlp.down_proj(h)
+
+
 def _mlp_forward(self, x: Tensor) -> Tensor:
     if kernels_enabled(x):
         gate = gelu_mul if _gate_kind(self.act_fn) else silu_mul
-        return self.down_proj(gate(self.gate_proj(x), self.up_proj(x)))
+        return _down(self, gate(self.gate_proj(x), self.up_proj(x)))
     return type(self).forward(self, x)
 
 
@@ -305,7 +323,7 @@ def _fused_gate_up_forward(self, x: Tensor) -> Tensor:
     """Phi-3's MLP: one gate_up projection, chunked, up · silu(gate)."""
     if kernels_enabled(x):
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(silu_mul(gate, up))
+        return _down(self, silu_mul(gate, up))
     return type(self).forward(self, x)
 
 
@@ -352,7 +370,8 @@ def unpatch_rope() -> None:
 
 
 def patch_llama(model: nn.Module) -> int:
-    """Route RMSNorm, SiLU-gated MLP modules and RoPE through the Triton kernels.
+    """Route RMSNorm, SiLU-gated MLP modules and RoPE through the Triton kernels, and mark the
+    MLPs of `RESIDUAL_LAST` layers (their down projection is skipped when recomputed).
 
     Returns how many modules now take the fast path (RoPE: see `patch_rope`).
     """
@@ -361,6 +380,9 @@ def patch_llama(model: nn.Module) -> int:
         if "Attention" in type(module).__name__ and hasattr(module, "q_proj"):
             patch_rope(module)
             break
+    for module in model.modules():
+        if type(module).__name__ in RESIDUAL_LAST and hasattr(module, "mlp"):
+            module.mlp.feeds_residual_only = True
     for module in model.modules():
         if type(module).__name__ in FAMILY_NORMS:
             module.forward = types.MethodType(_norm_forward, module)

@@ -56,16 +56,19 @@ def _compute_dtype(x: Tensor) -> torch.dtype:
 
 class _FusedLoraLinear(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, a, b, bias, weight_fn: WeightFn, scaling: float):
+    def forward(ctx, x, a, b, bias, weight_fn: WeightFn, scaling: float, unread: bool):
         dtype = _compute_dtype(x)
         with torch.autocast(x.device.type, enabled=False):
             xc = x.to(dtype)  # x itself without autocast; its low-precision copy with it
             x2 = xc.reshape(-1, x.shape[-1])  # (T, in)
-            w = weight_fn(dtype)  # (out, in)
-            y = torch.mm(x2, w.t()) if bias is None else torch.addmm(bias.to(dtype), x2, w.t())
-            del w
             xa = torch.mm(x2, a.to(dtype).t())  # (T, r)
-            y.addmm_(xa, b.to(dtype).t(), alpha=scaling)  # (T, out)
+            if unread:  # only the graph is needed (see `unread_projection`): no GEMM
+                y = x2.new_empty(x2.shape[0], b.shape[0])
+            else:
+                w = weight_fn(dtype)  # (out, in)
+                y = torch.mm(x2, w.t()) if bias is None else torch.addmm(bias.to(dtype), x2, w.t())
+                del w
+                y.addmm_(xa, b.to(dtype).t(), alpha=scaling)  # (T, out)
         ctx.save_for_backward(xc, a, b, xa)
         ctx.weight_fn, ctx.scaling, ctx.has_bias = weight_fn, scaling, bias is not None
         ctx.dtypes = (x.dtype, None if bias is None else bias.dtype)
@@ -93,18 +96,21 @@ class _FusedLoraLinear(torch.autograd.Function):
                 db = torch.mm(g.t(), xa).mul_(s).to(b.dtype)  # (out, r)
             if ctx.has_bias and ctx.needs_input_grad[3]:
                 dbias = g.sum(0).to(bias_dtype)
-        return dx, da, db, dbias, None, None
+        return dx, da, db, dbias, None, None, None
 
 
 class _FrozenLinear(torch.autograd.Function):
     """y = x Wᵀ (+ bias) with W rebuilt in backward instead of saved (QuantLinear's path)."""
 
     @staticmethod
-    def forward(ctx, x, bias, weight_fn: WeightFn):
+    def forward(ctx, x, bias, weight_fn: WeightFn, out_features: int, unread: bool):
         dtype = _compute_dtype(x)
         with torch.autocast(x.device.type, enabled=False):
             b = None if bias is None else bias.to(dtype)
-            y = torch.nn.functional.linear(x.to(dtype), weight_fn(dtype), b)
+            if unread:  # only the graph is needed (see `unread_projection`): no GEMM
+                y = x.new_empty(*x.shape[:-1], out_features, dtype=dtype)
+            else:
+                y = torch.nn.functional.linear(x.to(dtype), weight_fn(dtype), b)
         ctx.weight_fn, ctx.has_bias, ctx.dtypes = weight_fn, bias is not None, (x.dtype, dtype)
         return y
 
@@ -117,7 +123,7 @@ class _FrozenLinear(torch.autograd.Function):
                 dx = torch.matmul(grad.to(dtype), ctx.weight_fn(dtype)).to(x_dtype)
             if ctx.has_bias and ctx.needs_input_grad[1]:
                 dbias = grad.reshape(-1, grad.shape[-1]).sum(0)
-        return dx, dbias, None
+        return dx, dbias, None, None, None
 
 
 def lora_linear(
@@ -127,6 +133,7 @@ def lora_linear(
     lora_a: Tensor,
     lora_b: Tensor,
     scaling: float,
+    unread: bool = False,
 ) -> Tensor:
     """y = x W0ᵀ + bias + scaling · (x Aᵀ) Bᵀ, fused forward and backward.
 
@@ -136,13 +143,18 @@ def lora_linear(
         bias: optional (out,) bias (frozen or trainable).
         lora_a: A (r, in).   lora_b: B (out, r).
         scaling: alpha / r (or alpha / sqrt(r) with rsLoRA).
+        unread: nobody reads y's values, only back-propagates through it: y is left
+            uninitialised and the base GEMM is skipped (backward is unchanged).
     """
-    return _FusedLoraLinear.apply(x, lora_a, lora_b, bias, _weight_fn(weight), scaling)
+    return _FusedLoraLinear.apply(x, lora_a, lora_b, bias, _weight_fn(weight), scaling, unread)
 
 
-def frozen_linear(x: Tensor, weight: Tensor | QuantState4bit, bias: Tensor | None = None) -> Tensor:
+def frozen_linear(
+    x: Tensor, weight: Tensor | QuantState4bit, bias: Tensor | None = None, unread: bool = False
+) -> Tensor:
     """y = x W0ᵀ + bias for a frozen (e.g. 4-bit) W0 that is rebuilt, not saved, for backward."""
-    return _FrozenLinear.apply(x, bias, _weight_fn(weight))
+    out_features = weight.shape[0]
+    return _FrozenLinear.apply(x, bias, _weight_fn(weight), out_features, unread)
 
 
 def frozen_weight(base: torch.nn.Module) -> Tensor | QuantState4bit | None:
@@ -157,8 +169,8 @@ def frozen_weight(base: torch.nn.Module) -> Tensor | QuantState4bit | None:
     return None
 
 
-def try_lora_forward(layer: torch.nn.Module, x: Tensor) -> Tensor | None:
-    """The fused forward of a LoRA layer when it applies, else None (use the plain path).
+def _fused_parts(layer: torch.nn.Module, x: Tensor) -> tuple | None:
+    """(weight, bias, A, B, scaling) of a LoRA layer the fused path applies to, else None.
 
     It applies on CUDA to a layer with one active, unmerged adapter, no dropout while
     training, and a frozen Linear or 4-bit base.
@@ -174,6 +186,27 @@ def try_lora_forward(layer: torch.nn.Module, x: Tensor) -> Tensor | None:
     weight = frozen_weight(base)
     if weight is None or type(layer.lora_A[name]) is not torch.nn.Linear:
         return None
-    bias = getattr(base, "bias", None)
     a, b = layer.lora_A[name].weight, layer.lora_B[name].weight
-    return lora_linear(x, weight, bias, a, b, layer.scaling[name])
+    return weight, getattr(base, "bias", None), a, b, layer.scaling[name]
+
+
+def try_lora_forward(layer: torch.nn.Module, x: Tensor, unread: bool = False) -> Tensor | None:
+    """The fused forward of a LoRA layer when it applies (`_fused_parts`), else None."""
+    parts = _fused_parts(layer, x)
+    return None if parts is None else lora_linear(x, *parts, unread=unread)
+
+
+def unread_projection(layer: torch.nn.Module, x: Tensor) -> Tensor | None:
+    """layer(x) for a projection whose output values nobody reads, only its gradient path.
+
+    In a recomputed decoder layer (kernels/recompute.py) the last projection's output only
+    feeds the residual sum, whose backward needs no values: its base GEMM (and a 4-bit
+    weight's dequantization) is skipped there, while x Aᵀ, which backward needs, is computed.
+    None where the layer is neither a fused LoRA layer nor a frozen Linear / 4-bit layer.
+    """
+    if hasattr(layer, "fused_forward"):  # a LoRA layer (methods/lora/layers.py)
+        return layer.fused_forward(x, unread=True)
+    weight = frozen_weight(layer)
+    if weight is None or not use_fast(x):
+        return None
+    return frozen_linear(x, weight, getattr(layer, "bias", None), unread=True)

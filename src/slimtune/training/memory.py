@@ -7,9 +7,10 @@ memory). `--checkpointing` chooses:
 
     all       recompute every layer            none    recompute none
     offload   every layer, inputs on the CPU   F       a share F of the layers (0 < F < 1)
-    auto      on a GPU: step 1 recomputes every layer and measures it; then
-              k = ⌊(budget − peak_all) / a⌋ layers stop being recomputed, where
-              peak_all = the step's peak scaled to the longest batch (+ optimizer state),
+    auto      on a GPU: step 1 recomputes every layer, inputs offloaded, and measures it;
+              then k = ⌊(budget − peak_all) / a⌋ layers stop being recomputed, where
+              peak_all = the step's peak plus the inputs it offloaded, scaled to the
+              longest batch (+ optimizer state): "all" without offload,
               a = what one layer keeps for backward at that batch (measured, not guessed);
               if even peak_all is over the budget, the inputs are offloaded.
               On the CPU: none (as before).
@@ -122,7 +123,9 @@ class MemoryPlan:
         probe_activations(None)
         peak = torch.cuda.max_memory_allocated(self.device)
         after = torch.cuda.memory_allocated(self.device)  # weights + optimizer state
-        measured = Measurements(self.before_bytes, peak, after, self.probe, self.worst_tokens)
+        measured = Measurements(
+            self.before_bytes, peak, after, self.probe, self.worst_tokens, offloaded=True
+        )
         self.recomputed, self.offload, per_layer, peak_all = choose_recomputation(
             measured, self.budget_gib * GiB, self.layers
         )
@@ -139,8 +142,9 @@ class Measurements:
     before: int  # allocated before the step (weights, adapters)
     peak: int  # the step's peak
     after: int  # allocated after it (weights, adapters, optimizer state)
-    probe: list[tuple[int, int]]  # (bytes one recomputed layer kept, its tokens), per layer
+    probe: list[tuple[int, ...]]  # (bytes one recomputed layer kept, its tokens, its input's bytes)
     worst_tokens: int  # tokens of the largest micro-batch the data can make
+    offloaded: bool = False  # step 1 kept the layer inputs in CPU memory (not in `peak`)
 
 
 def choose_recomputation(
@@ -148,10 +152,11 @@ def choose_recomputation(
 ) -> tuple[int, bool, float, float]:
     """(layers recomputed, offload, bytes a kept layer holds, peak with all recomputed), all
     scaled from step 1's batch to the largest batch the data can make."""
-    tokens = max((t for _, t in m.probe), default=1)
+    tokens = max((t for _, t, *_ in m.probe), default=1)
     scale = max(1.0, m.worst_tokens / max(tokens, 1))
-    peak_all = (m.peak - m.before) * scale + m.after
-    per_token = max((used / max(t, 1) for used, t in m.probe), default=0.0)
+    inputs = sum(entry[2] for entry in m.probe) if m.offloaded else 0
+    peak_all = (m.peak - m.before + inputs) * scale + m.after
+    per_token = max((used / max(t, 1) for used, t, *_ in m.probe), default=0.0)
     per_layer = per_token * max(m.worst_tokens, tokens)
     keep = layers_to_keep(budget, peak_all, per_layer, layers)
     return layers - keep, peak_all > budget, per_layer, peak_all
@@ -187,11 +192,12 @@ def plan_memory(model: nn.Module, config: TrainConfig, device: torch.device, dat
         plan.worst_tokens = config.batch_size * longest
         plan.before_bytes = torch.cuda.memory_allocated(device)
         probe_activations(plan.probe)
-        fraction = 1.0
+        fraction = 1.0  # and offloaded, so that even a budget below "all" holds in step 1
     elif setting in ("auto", "none"):
         fraction = 0.0  # the model's own default: nothing recomputed, nothing changed
     else:
         fraction = 1.0 if setting in ("all", "offload") else float(setting)
     if layers and fraction:
-        plan.recomputed = enable_checkpointing(model, offload=plan.offload, fraction=fraction)
+        offload = plan.offload or plan.pending
+        plan.recomputed = enable_checkpointing(model, offload=offload, fraction=fraction)
     return plan

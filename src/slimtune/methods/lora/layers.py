@@ -307,9 +307,13 @@ class LoraLinear(LoraLayer):
     def delta_weight(self, name: str) -> Tensor:
         return lora_delta(self.lora_A[name].weight, self.lora_B[name].weight, self.scaling[name])
 
+    def fused_forward(self, x: Tensor, unread: bool = False) -> Tensor | None:
+        """The fused CUDA path (kernels/lora.py) where it applies, else None."""
+        return try_lora_forward(self, x, unread) if type(self) is LoraLinear else None
+
     def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
-        if type(self) is LoraLinear and not args and not kwargs:  # fused path on CUDA (fast.py)
-            fused = try_lora_forward(self, x)
+        if not args and not kwargs:
+            fused = self.fused_forward(x)
             if fused is not None:
                 return fused
         result = self.base_layer(x, *args, **kwargs)  # (..., out)
