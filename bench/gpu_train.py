@@ -207,7 +207,7 @@ def train(model, loss_fn, batches, lr: float, profile: bool = False, optim: str 
                 step(ids)
         print(
             p.key_averages().table(
-                sort_by="cuda_time_total", row_limit=25, max_name_column_width=60
+                sort_by="cuda_time_total", row_limit=45, max_name_column_width=70
             )
         )
         del losses[-2:], times[-2:]

@@ -213,8 +213,12 @@ class _GatedUnit(torch.autograd.Function):
 
 
 def _rope_launch(x: Tensor, cos: Tensor, sin: Tensor, backward: bool) -> Tensor:
+    """The output keeps x's layout: q and k are (B, T, H, D) in memory, seen as (B, H, T, D),
+    so neither the forward nor the gradient's way back through the view needs a copy."""
     bsz, heads, seq, dim = x.shape  # (B, H, T, D), last dim contiguous
-    out = torch.empty_like(x)
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    out = torch.empty_like(x)  # the same strides as x
     rows = 16
     grid = (bsz * heads, triton.cdiv(seq, rows))
     scb = cos.stride(0) if cos.shape[0] > 1 else 0
@@ -235,8 +239,8 @@ class _RoPE(torch.autograd.Function):
     @staticmethod
     def backward(ctx, gq: Tensor, gk: Tensor):
         cos, sin = ctx.saved_tensors
-        dq = _rope_launch(gq.contiguous(), cos, sin, True)
-        dk = _rope_launch(gk.contiguous(), cos, sin, True)
+        dq = _rope_launch(gq, cos, sin, True)
+        dk = _rope_launch(gk, cos, sin, True)
         return dq, dk, None, None
 
 

@@ -2,20 +2,26 @@
 
 LoRA, Hu et al. 2021, arXiv:2106.09685; QLoRA, Dettmers et al. 2023, arXiv:2305.14314.
 
-    x ──► W0 (frozen; bf16, or NF4 dequantized on the fly) ──► y = x W0ᵀ (+ bias)
-    │                                                          │ addmm, in place
-    └─► x Aᵀ (T, r) ──────────────► (x Aᵀ) Bᵀ · s ─────────────► y
+    x ──► x Aᵀ · s (T, r) ──► y = (x Aᵀ s) Bᵀ   (a rank-r GEMM writes y once)
+    │                          │
+    └─► W0 (frozen; bf16, or NF4 dequantized on the fly) ──► y += x W0ᵀ (+ bias)
+                                  the base GEMM adds onto y in its epilogue (beta = 1)
 
-    forward:   y  = x W0ᵀ + s · (x Aᵀ) Bᵀ
-    backward:  gB = g B                                    (T, r)
-               dx = g W0 + s · gB A                        one buffer, addmm in place
-               dA = s · gBᵀ x,   dB = s · gᵀ (x Aᵀ)
+    forward:   y  = s · (x Aᵀ) Bᵀ + x W0ᵀ
+    backward:  gBs = s · g B                               (T, r)
+               dx  = gBs A + g W0                          one buffer; the big GEMM adds last
+               dA  = gBsᵀ x,   dB = gᵀ (s · x Aᵀ)
+
+The adapter term is written first and the base GEMM accumulates onto it: the memory-bound
+rank-r GEMM then writes y once, and the read of y happens inside the compute-bound base
+GEMM, instead of a separate pass that reads and writes y again after it. The scale s is
+applied to the small (T, r) products only.
 
 What is saved for backward: x (shared with the sibling projections that read the same
-input), the small x Aᵀ, A and B. The frozen weight is not saved: a bf16 weight is a
-parameter already held by the model, and a 4-bit one is dequantized again in backward,
-so at most one dequantized weight exists at a time. Adapters stay in the activation
-dtype (no fp32 upcast); their gradients are returned in the adapters' own dtype.
+input), the small s · x Aᵀ, and A and B in the compute dtype. The frozen weight is not
+saved: a bf16 weight is a parameter already held by the model, and a 4-bit one is
+dequantized again in backward, so at most one dequantized weight exists at a time. Their
+gradients are returned in the adapters' own dtype.
 
 `use_fast(x)` is the registry's rule (CUDA tensor and Triton importable, unless
 SLIMTUNE_KERNELS=0); callers keep their plain PyTorch path as the reference elsewhere.
@@ -54,6 +60,11 @@ def _compute_dtype(x: Tensor) -> torch.dtype:
     return x.dtype
 
 
+def _scaled(t: Tensor, s: float) -> Tensor:
+    """s · t in place (a small (T, r) tensor), no kernel when s = 1."""
+    return t if s == 1 else t.mul_(s)
+
+
 class _FusedLoraLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, a, b, bias, weight_fn: WeightFn, scaling: float, unread: bool):
@@ -61,39 +72,36 @@ class _FusedLoraLinear(torch.autograd.Function):
         with torch.autocast(x.device.type, enabled=False):
             xc = x.to(dtype)  # x itself without autocast; its low-precision copy with it
             x2 = xc.reshape(-1, x.shape[-1])  # (T, in)
-            xa = torch.mm(x2, a.to(dtype).t())  # (T, r)
+            a_, b_ = a.to(dtype), b.to(dtype)
+            xs = _scaled(torch.mm(x2, a_.t()), scaling)  # s · x Aᵀ  (T, r)
             if unread:  # only the graph is needed (see `unread_projection`): no GEMM
                 y = x2.new_empty(x2.shape[0], b.shape[0])
             else:
-                w = weight_fn(dtype)  # (out, in)
-                y = torch.mm(x2, w.t()) if bias is None else torch.addmm(bias.to(dtype), x2, w.t())
-                del w
-                y.addmm_(xa, b.to(dtype).t(), alpha=scaling)  # (T, out)
-        ctx.save_for_backward(xc, a, b, xa)
+                b_t = b_.t()
+                y = torch.mm(xs, b_t) if bias is None else torch.addmm(bias.to(dtype), xs, b_t)
+                y.addmm_(x2, weight_fn(dtype).t())  # the base GEMM adds onto it (beta = 1)
+        ctx.save_for_backward(xc, a_, b_, xs)
         ctx.weight_fn, ctx.scaling, ctx.has_bias = weight_fn, scaling, bias is not None
-        ctx.dtypes = (x.dtype, None if bias is None else bias.dtype)
+        ctx.dtypes = (x.dtype, a.dtype, b.dtype, None if bias is None else bias.dtype)
         return y.view(*x.shape[:-1], y.shape[-1])
 
     @staticmethod
     def backward(ctx, grad):
-        xc, a, b, xa = ctx.saved_tensors
-        s, dtype, (x_dtype, bias_dtype) = ctx.scaling, xc.dtype, ctx.dtypes
+        xc, a_, b_, xs = ctx.saved_tensors
+        s, dtype, (x_dtype, a_dtype, b_dtype, bias_dtype) = ctx.scaling, xc.dtype, ctx.dtypes
         with torch.autocast(xc.device.type, enabled=False):
             x2 = xc.reshape(-1, xc.shape[-1])  # (T, in)
             g = grad.reshape(-1, grad.shape[-1]).to(dtype)  # (T, out)
-            a_ = a.to(dtype)
-            gb = torch.mm(g, b.to(dtype))  # (T, r)
+            gbs = _scaled(torch.mm(g, b_), s)  # s · g B  (T, r)
             dx = da = db = dbias = None
             if ctx.needs_input_grad[0]:
-                w = ctx.weight_fn(dtype)  # dequantized again: never saved
-                dx = torch.mm(g, w)  # (T, in)
-                del w
-                dx.addmm_(gb, a_, alpha=s)
+                dx = torch.mm(gbs, a_)  # (T, in)
+                dx.addmm_(g, ctx.weight_fn(dtype))  # dequantized again: never saved
                 dx = dx.view(xc.shape).to(x_dtype)
             if ctx.needs_input_grad[1]:
-                da = torch.mm(gb.t(), x2).mul_(s).to(a.dtype)  # (r, in)
+                da = torch.mm(gbs.t(), x2).to(a_dtype)  # (r, in)
             if ctx.needs_input_grad[2]:
-                db = torch.mm(g.t(), xa).mul_(s).to(b.dtype)  # (out, r)
+                db = torch.mm(g.t(), xs).to(b_dtype)  # (out, r)
             if ctx.has_bias and ctx.needs_input_grad[3]:
                 dbias = g.sum(0).to(bias_dtype)
         return dx, da, db, dbias, None, None, None

@@ -84,15 +84,21 @@ def place_model(
     return distributed.place_model(model, device, loss_fn)
 
 
-def make_optimizer(params: list[nn.Parameter], config: TrainConfig) -> torch.optim.Optimizer:
+def make_optimizer(params: list, config: TrainConfig) -> torch.optim.Optimizer:
     from slimtune.training.optim import optimizer_class
 
+    extra = {}
+    if config.optim == "adamw" and params and not distributed.is_distributed():
+        # on a GPU one fused kernel updates every tensor (foreach launches several per group)
+        tensors = [t for p in params for t in (p["params"] if isinstance(p, dict) else [p])]
+        extra["fused"] = all(t.is_cuda for t in tensors) or None
     return optimizer_class(config.optim)(
         params,
         lr=config.lr,
         betas=(config.adam_beta1, config.adam_beta2),
         eps=config.adam_eps,
         weight_decay=config.weight_decay,
+        **extra,
     )
 
 
