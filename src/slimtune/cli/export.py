@@ -63,6 +63,19 @@ def _safetensors_dtype(args: argparse.Namespace) -> torch.dtype:
     return SAFETENSORS_DTYPES[args.dtype]
 
 
+def _safetensors_source(args: argparse.Namespace):
+    """(a StreamedMerge, its tokenizer), which merges one tensor at a time; or, for what it
+    does not cover, (the merged model in memory, its tokenizer)."""
+    from slimtune.export.streamed_merge import streamed_merge
+
+    dtype = _safetensors_dtype(args)
+    streamed = streamed_merge(args.model, args.adapter, dtype=dtype)
+    if streamed is not None and streamed.tokenizer is not None:
+        return streamed, streamed.tokenizer
+    model, tokenizer = merged_model(args.model, args.adapter)  # (says what is missing)
+    return model.to(dtype), tokenizer
+
+
 def _check(args: argparse.Namespace):
     """Everything that can be refused before loading weights; returns the model's config."""
     from transformers import AutoConfig
@@ -108,8 +121,7 @@ def run(args: argparse.Namespace) -> int:
             source_gguf=_source_gguf(args.model),
         )
     else:
-        model, tokenizer = merged_model(args.model, args.adapter)
-        model.to(_safetensors_dtype(args))
+        model, tokenizer = _safetensors_source(args)
         path = export_safetensors(model, tokenizer, args.out, overwrite=args.overwrite)
     print(f"wrote {path}")
     if args.format == "ollama":
