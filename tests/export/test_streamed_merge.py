@@ -15,7 +15,6 @@ from pathlib import Path
 
 import peft
 import pytest
-import safetensors.torch
 import torch
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
@@ -93,9 +92,8 @@ def assert_same_directory(reference: Path, streamed: Path) -> None:
         assert got[key].dtype == value.dtype, key
         # same float32 arithmetic in the same order on the CPU: bit for bit
         assert torch.equal(got[key], value), key
-    for file in streamed.glob("*.safetensors"):
-        with safe_open(file, framework="pt") as handle:
-            assert handle.metadata() == {"format": "pt"}
+    for file in streamed.glob("*.safetensors"):  # written as safetensors' save_file writes
+        assert file.read_bytes() == (reference / file.name).read_bytes(), file.name
 
 
 def assert_logits(directory: Path, reference: torch.nn.Module, atol: float = 1e-5) -> None:
@@ -215,18 +213,19 @@ def test_adapter_on_a_tied_weight_keeps_the_in_memory_path(tmp_path):
     assert streamed_merge(str(base), tmp_path / "adapter") is None  # merging unties it
 
 
-def test_host_memory_holds_one_base_tensor_and_one_shard(base, tmp_path, monkeypatch):
-    """Count the tensors alive at each read: those of the shard being built, plus one."""
+def test_host_memory_holds_one_module_at_a_time(base, tmp_path, monkeypatch):
+    """Count the base and merged tensors alive at each read: at most one module's (weight
+    and bias), whatever the shard size; a merge that held a shard or the model fails."""
     peft_adapter(base, tmp_path / "adapter", CASES["dora"])
     plan = streamed_merge(str(base), tmp_path / "adapter")
     alive: dict[int, weakref.ref] = {}
-    peaks, shards = [], []
+    peaks = []
 
     def track(tensor: torch.Tensor) -> torch.Tensor:
         alive[id(tensor)] = weakref.ref(tensor)
         return tensor
 
-    read, merged, save = plan.read, plan.merged, safetensors.torch.save_file
+    read, merged = plan.read, plan.merged
 
     def counting_read(key):
         peaks.append(sum(ref() is not None for ref in alive.values()))
@@ -234,14 +233,10 @@ def test_host_memory_holds_one_base_tensor_and_one_shard(base, tmp_path, monkeyp
 
     monkeypatch.setattr(plan, "read", counting_read)
     monkeypatch.setattr(plan, "merged", lambda key: track(merged(key)))
-    monkeypatch.setattr(
-        safetensors.torch, "save_file", lambda d, *a, **k: (shards.append(len(d)), save(d, *a, **k))
-    )
     (tmp_path / "out").mkdir()
-    plan.write(tmp_path / "out", SHARD)
-    total = len(tensors(tmp_path / "out"))
-    assert len(shards) >= 3 and total >= 3 * max(shards)  # the bound below means something
-    assert max(peaks) <= max(shards) + 1
+    plan.write(tmp_path / "out", "1GB")  # one shard holding every tensor
+    assert len(tensors(tmp_path / "out")) == len(peaks) > 10
+    assert max(peaks) <= 2
     assert sum(ref() is not None for ref in alive.values()) == 0
 
 

@@ -1,6 +1,6 @@
 """Merging an adapter into its base one tensor at a time, so that `slimtune merge` and
 `slimtune export --format safetensors` of an 8B model need the host memory of about one
-tensor and one output shard, not of the whole model.
+tensor (one layer's weight, twice), not of the whole model in float32.
 
     adapter DIR ─► read once ─► the method's own loader puts it on a meta-device skeleton
                                 of the base (its checks, its layers; no base weight in memory)
@@ -10,22 +10,23 @@ tensor and one output shard, not of the whole model.
                LoRA  W0 + s·B A      DoRA  m ⊙ (W0 + s·B A) / ‖W0 + s·B A‖_row
                IA3   W0's rows (or columns, feed-forward) × l, an output-scaled bias × l
            modules_to_save: the adapter's trained copy replaces the tensor
-        ─► the output dtype ─► its output shard, written as soon as it is complete
+        ─► the output dtype ─► appended to its shard file (header first: shapes are known)
     config.json, generation_config.json (save_pretrained with no tensors), index, tokenizer
 
 The shards, their names and model.safetensors.index.json come from transformers' own split
-of the merged model's state dict (`split_torch_state_dict_into_shards`, in state-dict order),
-so the directory is the one `save_pretrained` writes after the in-memory merge
-(slimtune.cli.merge.merged_model). That path stays for whatever `streamed_merge` declines
-(it returns None): prompt tuning and bottleneck adapters (they add computation, not
-weights), adapter biases, adapters on tied weights, bitsandbytes directories and
-checkpoints whose tensor names transformers converts.
+of the merged model's state dict, in its saving order, and each shard has the bytes
+safetensors' `save_file` writes; so the directory is the one `save_pretrained` writes after
+the in-memory merge (slimtune.cli.merge.merged_model). That path stays for whatever
+`streamed_merge` declines (it returns None): prompt tuning and bottleneck adapters (they add
+computation, not weights), adapter biases, adapters on tied weights, bitsandbytes
+directories and checkpoints whose tensor names transformers converts.
 """
 
 from __future__ import annotations
 
 import inspect
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -177,19 +178,18 @@ class StreamedMerge:
         """Write config, generation config, shards and index into the existing directory `out`
         (the tokenizer is the caller's: `slimtune export` requires one, `merge` does not)."""
         from huggingface_hub import split_torch_state_dict_into_shards
-        from safetensors.torch import save_file
 
         self.plain.save_pretrained(out, state_dict={})  # config files exactly as transformers
+        state = saved_state(self.plain)  # (meta tensors: names, shapes, output dtypes)
         split = split_torch_state_dict_into_shards(
-            saved_state(self.plain),
+            state,
             filename_pattern=WEIGHTS_PATTERN,
             max_shard_size=max_shard_size or save_pretrained_shard_size(),
         )
         with torch.no_grad():
             for filename, names in split.filename_to_tensors.items():
-                shard = {name: self.merged(name) for name in names}  # (one shard in memory)
-                save_file(shard, str(out / filename), metadata={"format": "pt"})
-                del shard
+                specs = {name: state[name] for name in names}
+                write_safetensors(out / filename, specs, self.merged, {"format": "pt"})
         self._handles.clear()
         if split.is_sharded:
             index = {
@@ -198,6 +198,52 @@ class StreamedMerge:
             }
             text = json.dumps(index, indent=2, sort_keys=True) + "\n"
             (out / "model.safetensors.index.json").write_text(text, encoding="utf-8")
+
+
+SAFETENSORS_DTYPES = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
+    torch.uint8: "U8", torch.bool: "BOOL",
+}  # fmt: skip
+
+
+def write_safetensors(
+    path: Path, specs: dict[str, Tensor], tensor: Callable[[str], Tensor], metadata: dict
+) -> None:
+    """A safetensors file whose tensors are made one at a time by `tensor(name)`, each
+    written as soon as it is made, with the bytes `safetensors.torch.save_file` writes.
+
+        8-byte header length ─ JSON header (names sorted: dtype, shape, data offsets; padded
+        with spaces to 8 bytes) ─ each tensor's bytes, in the header's order
+
+    `specs` gives each name's dtype and shape (meta tensors). safetensors orders a file of
+    several dtypes by dtype first; such a shard (rare: integer buffers) is written whole.
+    """
+    from safetensors.torch import save_file
+
+    if len({spec.dtype for spec in specs.values()}) > 1:
+        save_file({name: tensor(name) for name in specs}, str(path), metadata=metadata)
+        return
+    header: dict[str, Any] = {"__metadata__": metadata}
+    offset = 0
+    for name in sorted(specs):
+        spec = specs[name]
+        size = spec.numel() * spec.element_size()
+        entry = {"dtype": SAFETENSORS_DTYPES[spec.dtype], "shape": list(spec.shape)}
+        header[name] = entry | {"data_offsets": [offset, offset + size]}
+        offset += size
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    with path.open("wb") as f:
+        f.write(len(text).to_bytes(8, "little") + text)
+        for name in sorted(specs):
+            value = tensor(name)
+            if value.dtype != specs[name].dtype or value.shape != specs[name].shape:
+                raise RuntimeError(
+                    f"{name}: made {value.dtype} {tuple(value.shape)}, not {specs[name]}"
+                )
+            f.write(value.contiguous().reshape(-1).view(torch.uint8).numpy())
+            del value
 
 
 def saved_state(model: nn.Module) -> dict[str, Tensor]:
