@@ -20,20 +20,20 @@ from safetensors import safe_open
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 import slimtune as st
-from conftest import build_char_tokenizer
+from export_helpers import build_bpe_tokenizer
 from slimtune.cli.main import main
 from slimtune.cli.merge import merged_model
 from slimtune.export import streamed_merge as sm
 from slimtune.export.streamed_merge import StreamedMerge, streamed_merge
 from slimtune.quant.linear import quant_metadata
 
-SHARD = "24KB"  # the tiny model (≈ 90 KB in fp32) in several shards
+SHARD = "24KB"  # the tiny model (≈ 150 KB in fp32) in several shards
 TARGETS = ["q_proj", "v_proj", "down_proj"]
 
 
 def sharded_base(path: Path, *, dtype=torch.float32, tie: bool = False) -> Path:
-    """A tiny random Llama saved in shards of SHARD, with the char tokenizer."""
-    tokenizer = build_char_tokenizer()
+    """A tiny random Llama saved in shards of SHARD, with a byte-level BPE tokenizer (GGUF)."""
+    tokenizer = build_bpe_tokenizer()
     config = LlamaConfig(
         vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
@@ -258,6 +258,21 @@ def test_cli_merge_and_export_stream_into_the_same_directory(base, tmp_path, mon
     assert merged.keys() == exported.keys() and (out / "tokenizer.json").is_file()
     assert all(exported[k].dtype == torch.float16 for k in merged)
     assert all(torch.equal(exported[k], v.to(torch.float16)) for k, v in merged.items())
+    gguf = tmp_path / "model.gguf"
+    assert main(["export", *argv, "--format", "gguf", "--out", str(gguf)]) == 0
+    assert gguf.stat().st_size > 0
+
+
+@pytest.mark.parametrize("dtype", ["f16", "q8_0"])
+def test_gguf_of_the_streamed_merge_has_the_in_memory_bytes(dtype, base, tmp_path):
+    from slimtune.export.gguf import export_gguf
+
+    peft_adapter(base, tmp_path / "adapter", CASES["dora"])
+    model, tokenizer = merged_model(str(base), tmp_path / "adapter")
+    memory = export_gguf(model.float(), tokenizer, tmp_path / "memory.gguf", dtype=dtype)
+    plan = streamed_merge(str(base), tmp_path / "adapter")
+    streamed = export_gguf(plan, plan.tokenizer, tmp_path / "streamed.gguf", dtype=dtype)
+    assert streamed.read_bytes() == memory.read_bytes()
 
 
 def test_prompt_tuning_keeps_the_in_memory_path(base, tmp_path):

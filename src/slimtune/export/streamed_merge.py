@@ -28,7 +28,7 @@ import ctypes
 import functools
 import inspect
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -193,6 +193,14 @@ class StreamedMerge:
         for attr in attrs:  # back to the meta device: the layer holds no base memory
             base._parameters[attr] = nn.Parameter(base._parameters[attr].to("meta"), False)
         return self._pending.pop(key)
+
+    def state_items(self, dtype: torch.dtype) -> Iterator[tuple[str, Tensor]]:
+        """(name, merged tensor in `dtype`), made one at a time, in the merged model's
+        state-dict order, without what save_pretrained leaves out (tied duplicates)."""
+        saved = saved_state(self.plain)
+        for key in self.plain.state_dict():
+            if key in saved:
+                yield key, self.merged(key).to(dtype)
 
     def write(self, out: Path, max_shard_size: int | str | None = None) -> None:
         """Write config, generation config, shards and index into the existing directory `out`
