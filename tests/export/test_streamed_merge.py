@@ -8,6 +8,7 @@ bases are tiny random Llamas saved in several shards.
 from __future__ import annotations
 
 import copy
+import importlib.util
 import json
 import warnings
 import weakref
@@ -258,13 +259,15 @@ def test_cli_merge_and_export_stream_into_the_same_directory(base, tmp_path, mon
     assert merged.keys() == exported.keys() and (out / "tokenizer.json").is_file()
     assert all(exported[k].dtype == torch.float16 for k in merged)
     assert all(torch.equal(exported[k], v.to(torch.float16)) for k, v in merged.items())
-    gguf = tmp_path / "model.gguf"
-    assert main(["export", *argv, "--format", "gguf", "--out", str(gguf)]) == 0
-    assert gguf.stat().st_size > 0
+    if importlib.util.find_spec("gguf") is not None:
+        gguf = tmp_path / "model.gguf"
+        assert main(["export", *argv, "--format", "gguf", "--out", str(gguf)]) == 0
+        assert gguf.stat().st_size > 0
 
 
 @pytest.mark.parametrize("dtype", ["f16", "q8_0"])
 def test_gguf_of_the_streamed_merge_has_the_in_memory_bytes(dtype, base, tmp_path):
+    pytest.importorskip("gguf")
     from slimtune.export.gguf import export_gguf
 
     peft_adapter(base, tmp_path / "adapter", CASES["dora"])
