@@ -303,3 +303,38 @@ def test_on_the_gpu_within_float32_rounding(method, base, tmp_path):
     for key, value in expected.items():  # cuBLAS sums B A in another order than the CPU
         torch.testing.assert_close(got[key], value, rtol=1e-6, atol=1e-6)
     assert_logits(streamed, reference_model)
+
+
+def _fused_adapter(model, out: Path) -> None:
+    """slimtune's fused-QKV LoRA (loralib's MergedLinear) on GPT-2's c_attn, Q and V only."""
+    config = st.LoraConfig(r=2, lora_alpha=4, target_modules=["c_attn"],
+                           enable_lora={"c_attn": [True, False, True]})  # fmt: skip
+    st.add_adapter(model, config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.05)
+    st.save_adapter(model, out)
+
+
+@pytest.mark.parametrize("method", ["lora", "ia3", "dora", "fused"])
+def test_gpt2_conv1d_biases_and_fused_qkv(method, tmp_path):
+    """Conv1D weights stored (in, out), biases (IA3 scales an output-scaled layer's bias)."""
+    from tiny_models import tiny_gpt2
+
+    base = tmp_path / "base"
+    tiny_gpt2().save_pretrained(base, max_shard_size="20KB")
+    build_bpe_tokenizer().save_pretrained(base)
+    common = dict(fan_in_fan_out=True)
+    configs = {
+        "lora": peft.LoraConfig(target_modules=["c_attn", "c_fc"], r=4, init_lora_weights=False, **common),
+        "ia3": peft.IA3Config(target_modules=["c_attn", "mlp.c_proj"], feedforward_modules=["mlp.c_proj"],
+                              init_ia3_weights=False, **common),
+        "dora": peft.LoraConfig(target_modules=["c_fc"], r=4, use_dora=True, init_lora_weights=False, **common),
+    }  # fmt: skip
+    if method == "fused":
+        _fused_adapter(tiny_gpt2(), tmp_path / "adapter")
+    else:
+        peft_adapter(base, tmp_path / "adapter", configs[method])
+    reference, streamed = write_both(base, tmp_path / "adapter", tmp_path)
+    assert_same_directory(reference, streamed)
