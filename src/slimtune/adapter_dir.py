@@ -162,6 +162,18 @@ def load_adapter(
     """
     config_json = read_adapter_config(path)
     tensors, metadata = read_adapter_tensors(path)
+    return load_adapter_read(model, path, config_json, tensors, metadata, adapter_name)
+
+
+def load_adapter_read(
+    model: nn.Module,
+    path: str | os.PathLike,
+    config_json: dict[str, Any],
+    tensors: dict[str, Tensor],
+    metadata: dict[str, str],
+    adapter_name: str = "default",
+) -> nn.Module:
+    """`load_adapter` from the directory's contents, already read (`path` names it in errors)."""
     try:
         check_config_json(Path(path) / CONFIG_NAME, config_json, tensors)
         return load_adapter_contents(model, adapter_name, config_json, tensors, metadata)

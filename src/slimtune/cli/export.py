@@ -63,6 +63,19 @@ def _safetensors_dtype(args: argparse.Namespace) -> torch.dtype:
     return SAFETENSORS_DTYPES[args.dtype]
 
 
+def _merged_source(args: argparse.Namespace, dtype: torch.dtype | None):
+    """(a StreamedMerge, its tokenizer): the merge made one tensor at a time, in `dtype`; or,
+    for what it does not cover, (the merged model in memory, in `dtype`, its tokenizer).
+    `dtype` None: the stored dtype, as float32 for GGUF's encodings."""
+    from slimtune.export.streamed_merge import streamed_merge
+
+    streamed = streamed_merge(args.model, args.adapter, dtype=dtype)
+    if streamed is not None and streamed.tokenizer is not None:
+        return streamed, streamed.tokenizer
+    model, tokenizer = merged_model(args.model, args.adapter)  # (says what is missing)
+    return model.to(dtype or torch.float32), tokenizer
+
+
 def _check(args: argparse.Namespace):
     """Everything that can be refused before loading weights; returns the model's config."""
     from transformers import AutoConfig
@@ -97,8 +110,7 @@ def run(args: argparse.Namespace) -> int:
             args.adapter, config, args.out, dtype=args.dtype or "f16", overwrite=args.overwrite
         )
     elif args.format in ("gguf", "ollama"):
-        model, tokenizer = merged_model(args.model, args.adapter)
-        model.float()  # the GGUF encodings start from fp32
+        model, tokenizer = _merged_source(args, dtype=None)  # the GGUF encodings start from fp32
         path = export_gguf(
             model,
             tokenizer,
@@ -108,8 +120,7 @@ def run(args: argparse.Namespace) -> int:
             source_gguf=_source_gguf(args.model),
         )
     else:
-        model, tokenizer = merged_model(args.model, args.adapter)
-        model.to(_safetensors_dtype(args))
+        model, tokenizer = _merged_source(args, _safetensors_dtype(args))
         path = export_safetensors(model, tokenizer, args.out, overwrite=args.overwrite)
     print(f"wrote {path}")
     if args.format == "ollama":

@@ -8,34 +8,22 @@ slimtune merge --model M --adapter DIR --out MERGED [--into trained|original] [-
 
 The result loads with `AutoModelForCausalLM.from_pretrained(MERGED)` and no slimtune.
 Everything is checked before any weight is loaded, and the directory appears in one rename.
+LoRA, DoRA and IA3 adapters merge one tensor at a time (slimtune.export.streamed_merge, on the
+GPU when there is one); what that path does not cover loads the whole model (merged_model).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from slimtune.errors import SlimtuneError
+from slimtune.export.streamed_merge import AUTO_CLASSES, stored_dtype, streamed_merge
 
-AUTO_CLASSES = {
-    None: "AutoModelForCausalLM",
-    "CAUSAL_LM": "AutoModelForCausalLM",
-    "SEQ_CLS": "AutoModelForSequenceClassification",
-    "TOKEN_CLS": "AutoModelForTokenClassification",
-    "SEQ_2_SEQ_LM": "AutoModelForSeq2SeqLM",
-    "FEATURE_EXTRACTION": "AutoModel",
-}
-
-
-def stored_dtype(directory: Path) -> torch.dtype:
-    """The dtype a transformers directory stores its weights in (config.json's dtype)."""
-    config = json.loads((directory / "config.json").read_text())
-    name = config.get("dtype") or config.get("torch_dtype") or "float32"
-    return getattr(torch, name) if name in ("float32", "float16", "bfloat16") else torch.float32
+__all__ = ["AUTO_CLASSES", "merged_model", "prepare_base", "run", "stored_dtype"]
 
 
 def prepare_base(model: nn.Module, adapter_dir: str | Path, into: str) -> nn.Module:
@@ -109,28 +97,45 @@ def run(args: argparse.Namespace) -> int:
                 f"--into original needs a QLoRA adapter: {args.adapter} trained on an "
                 "unquantized base, so its trained and original weights are the same"
             )
-    model, tokenizer = merged_model(args.model, args.adapter, args.into)
+    streamed = streamed_merge(args.model, args.adapter, args.into)
+    if streamed is not None:  # one tensor at a time
+        model, tokenizer = None, streamed.tokenizer
+    else:  # a method or layout the streamed merge does not cover: the whole model in memory
+        model, tokenizer = merged_model(args.model, args.adapter, args.into)
 
     def write(tmp: Path) -> None:
-        model.save_pretrained(tmp, safe_serialization=True)
+        if streamed is not None:
+            streamed.write(tmp)
+        else:
+            model.save_pretrained(tmp, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
 
     write_atomic_dir(out, write)
     print(f"merged {args.adapter} into {args.model}: {out}")
     if args.into == "original":
-        report_output_shift(model, args.model, args.adapter)
+        report_output_shift(model if model is not None else out, args.model, args.adapter)
     return 0
 
 
-def report_output_shift(merged: nn.Module, model_spec: str, adapter_dir: str | Path) -> None:
+def report_output_shift(merged: nn.Module | Path, model_spec: str, adapter_dir: str | Path) -> None:
     """QLoRA merged into the original weights: print how far its outputs moved from the
-    model the adapter was trained as (base quantized as recorded in the adapter)."""
-    from slimtune.adapter_dir import read_adapter_metadata
+    model the adapter was trained as (base quantized as recorded in the adapter).
+
+    `merged` is the merged model, or the directory it was written to (a streamed merge):
+    this probe loads the models it compares, which the merge itself did not need.
+    """
+    from slimtune.adapter_dir import read_adapter_config, read_adapter_metadata
     from slimtune.quant.linear import METADATA_KEY
 
     if METADATA_KEY not in read_adapter_metadata(adapter_dir):
         return
+    if isinstance(merged, Path):
+        import transformers
+
+        task_type = read_adapter_config(adapter_dir).get("task_type")
+        auto = getattr(transformers, AUTO_CLASSES.get(task_type, "AutoModelForCausalLM"))
+        merged = auto.from_pretrained(merged, dtype=torch.float32).eval()
     trained, _ = merged_model(model_spec, adapter_dir, "trained")
     vocab = merged.get_input_embeddings().num_embeddings
     ids = torch.randint(0, vocab, (1, 64), generator=torch.Generator().manual_seed(0))

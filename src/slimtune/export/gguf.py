@@ -17,6 +17,8 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+import torch
+
 from slimtune.atomic import atomic_file, check_free
 from slimtune.errors import SlimtuneError
 from slimtune.export import gguf_file as gg
@@ -24,6 +26,7 @@ from slimtune.export.gguf_arch import add_hyperparameters, family_of, model_tens
 from slimtune.export.gguf_vocab import add_tokenizer, copy_tokenizer_fields
 from slimtune.export.ollama import modelfile
 from slimtune.export.quantize import LLAMACPP_TYPES, needs_llamacpp, quantize_gguf, require_llamacpp
+from slimtune.export.streamed_merge import StreamedMerge
 
 MODEL_DTYPES = (*gg.DTYPES, *LLAMACPP_TYPES)  # what --format gguf takes; gguf-lora: gg.DTYPES
 
@@ -79,11 +82,16 @@ def write_gguf(
     source_gguf: Path | None = None,
     say: Callable[[str], None] = _say,
 ) -> None:
-    """Write `model` (a plain transformers model of a gguf_arch.FAMILIES family) at `path`."""
+    """Write `model` (a plain transformers model of a gguf_arch.FAMILIES family, or a
+    StreamedMerge, whose merged tensors are made and written one at a time) at `path`."""
     from gguf import GGUFWriter
 
     if dtype not in gg.DTYPES:
         raise SlimtuneError(f"GGUF dtype {dtype!r} is not one of {', '.join(MODEL_DTYPES)}")
+    if isinstance(model, StreamedMerge):  # its skeleton: config and shapes, no weights
+        model, tensors = model.plain, model.state_items(torch.float32)
+    else:
+        tensors = model.state_dict()
     config = model.config
     arch = family_of(config).arch
     writer = GGUFWriter(path, arch, use_temp_file=True)  # encoded tensors spill to disk, not RAM
@@ -97,7 +105,7 @@ def write_gguf(
         copy_tokenizer_fields(writer, source_gguf, getattr(tokenizer, "chat_template", None))
     else:
         add_tokenizer(writer, tokenizer, config, n_vocab, say)
-    gg.add_tensors(writer, model_tensors(model.state_dict(), config), dtype, say)
+    gg.add_tensors(writer, model_tensors(tensors, config), dtype, say)
     _finish(writer)
 
 

@@ -27,7 +27,7 @@ What a family changes beyond the names:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 from torch import Tensor
@@ -186,12 +186,18 @@ def rope_heads(gguf_base: str, config) -> int | None:
     return None
 
 
-def model_tensors(state_dict: dict[str, Tensor], config) -> Iterator[tuple[str, Tensor]]:
-    """(GGUF name, tensor in llama.cpp layout) for every weight of a supported model."""
+def model_tensors(
+    state_dict: dict[str, Tensor] | Iterable[tuple[str, Tensor]], config
+) -> Iterator[tuple[str, Tensor]]:
+    """(GGUF name, tensor in llama.cpp layout) for every weight of a supported model.
+
+    `state_dict` is a state dict, or (name, tensor) pairs made one at a time (a streamed merge).
+    """
     family = family_of(config)
     names = tensor_name_map(config)
     tied = family.always_tied or bool(getattr(config, "tie_word_embeddings", False))
-    for key, tensor in state_dict.items():
+    pairs = state_dict.items() if isinstance(state_dict, dict) else state_dict
+    for key, tensor in pairs:
         module, _, suffix = key.rpartition(".")
         if module == "lm_head" and tied:
             continue

@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 from slimtune.atomic import atomic_dir, check_free
+from slimtune.export.streamed_merge import StreamedMerge
 
 DEFAULT_SHARD_SIZE = "2GB"  # safetensors shards above this size
 
@@ -20,12 +21,16 @@ def export_safetensors(
 ) -> Path:
     """A plain transformers directory: sharded safetensors, config, generation config, tokenizer.
 
-    `model` must already be merged (a plain transformers model); the directory loads with
+    `model` is a merged, plain transformers model, or a StreamedMerge, which writes the
+    merged tensors one at a time; the directory loads with
     `AutoModelForCausalLM.from_pretrained(out)` with no slimtune installed.
     """
     out = Path(out)
     check_free(out, overwrite)
     with atomic_dir(out) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True, max_shard_size=max_shard_size)
+        if isinstance(model, StreamedMerge):
+            model.write(tmp, max_shard_size)
+        else:
+            model.save_pretrained(tmp, safe_serialization=True, max_shard_size=max_shard_size)
         tokenizer.save_pretrained(tmp)
     return out

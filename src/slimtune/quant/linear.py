@@ -288,6 +288,24 @@ def _record_from_metadata(metadata: dict[str, str]) -> dict | None:
     return record
 
 
+def quantization_record(metadata: dict[str, str]) -> dict | None:
+    """The quantization an adapter was trained on, from its header metadata (None: none)."""
+    return _record_from_metadata(metadata)
+
+
+def requantized_weight(weight: Tensor, record: dict) -> Tensor:
+    """dequantize(quantize(W0)) in float32 for one linear weight, as `trained_base` computes
+    it for every layer (same settings, same weight dtype); `record` is quantization_record's."""
+    state = quantize(
+        weight.to(getattr(torch, record.get("dtype", "float32"))),
+        record["quant"],
+        record.get("blocksize", 64),
+        record.get("double_quant", True),
+        record.get("threshold", 6.0),
+    )
+    return _dequantize(state, torch.float32)
+
+
 def dequantize_model(model: nn.Module, dtype: torch.dtype = torch.float32) -> nn.Module:
     """Replace every QuantLinear (in place) by an nn.Linear holding its dequantized weight."""
     for name, layer in list(quantized_layers(model).items()):
