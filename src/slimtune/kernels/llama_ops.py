@@ -27,6 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from slimtune.kernels.lora import unread_projection
+from slimtune.kernels.lora_group import link_siblings
 from slimtune.kernels.recompute import recomputing
 from slimtune.quant.triton import _interpreted, kernels_enabled, triton
 
@@ -374,8 +375,9 @@ def unpatch_rope() -> None:
 
 
 def patch_llama(model: nn.Module) -> int:
-    """Route RMSNorm, SiLU-gated MLP modules and RoPE through the Triton kernels, and mark the
-    MLPs of `RESIDUAL_LAST` layers (their down projection is skipped when recomputed).
+    """Route RMSNorm, SiLU-gated MLP modules and RoPE through the Triton kernels, mark the
+    MLPs of `RESIDUAL_LAST` layers (their down projection is skipped when recomputed), and
+    link the LoRA layers of q/k/v and of gate/up (kernels/lora_group.py).
 
     Returns how many modules now take the fast path (RoPE: see `patch_rope`).
     """
@@ -387,6 +389,9 @@ def patch_llama(model: nn.Module) -> int:
     for module in model.modules():
         if type(module).__name__ in RESIDUAL_LAST and hasattr(module, "mlp"):
             module.mlp.feeds_residual_only = True
+        for names in (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj")):
+            if all(hasattr(module, n) for n in names):  # LoRA layers reading one input
+                link_siblings([getattr(module, n) for n in names])
     for module in model.modules():
         if type(module).__name__ in FAMILY_NORMS:
             module.forward = types.MethodType(_norm_forward, module)

@@ -199,7 +199,13 @@ def _fused_parts(layer: torch.nn.Module, x: Tensor) -> tuple | None:
 
 
 def try_lora_forward(layer: torch.nn.Module, x: Tensor, unread: bool = False) -> Tensor | None:
-    """The fused forward of a LoRA layer when it applies (`_fused_parts`), else None."""
+    """The fused forward of a LoRA layer when it applies (`_fused_parts`), else None; with
+    its siblings (kernels/lora_group.py) where it has them and they apply too."""
+    siblings = getattr(layer, "lora_siblings", None)
+    if siblings is not None and not unread:
+        y = siblings.forward(layer, x)
+        if y is not None:
+            return y
     parts = _fused_parts(layer, x)
     return None if parts is None else lora_linear(x, *parts, unread=unread)
 
