@@ -80,3 +80,19 @@ def family_model(name: str, **overrides) -> torch.nn.Module:
 
 # the families the fast path covers (kernels/llama_ops.py)
 FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "phi3"]
+
+
+def trained_qlora(model_dir, quant: str = "nf4", dtype: torch.dtype = torch.float32):
+    """A QLoRA model (q_proj, up_proj; r 4) on the Llama saved in `model_dir`, quantized to
+    `quant`, whose B matrices are non-zero (as after training); returned in fp32."""
+    import slimtune as st
+
+    model = LlamaForCausalLM.from_pretrained(model_dir, dtype=dtype)
+    st.quantize_model(model, quant)
+    st.add_adapter(model, st.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "up_proj"]))
+    torch.manual_seed(3)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.05)
+    return model.float()

@@ -32,6 +32,7 @@ from slimtune.cli.merge import merged_model
 from slimtune.export import streamed_merge as sm
 from slimtune.export.streamed_merge import StreamedMerge, streamed_merge
 from slimtune.quant.linear import quant_metadata
+from tiny_models import trained_qlora
 
 SHARD = "24KB"  # the tiny model (≈ 150 KB in fp32) in several shards
 TARGETS = ["q_proj", "v_proj", "down_proj"]
@@ -181,16 +182,9 @@ def test_bf16_base_is_written_in_bf16_and_matches(tmp_path):
 
 def _qlora_adapter(base: Path, out: Path) -> torch.nn.Module:
     """A slimtune QLoRA adapter (NF4 base) with non-zero B, as after training."""
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
-    st.quantize_model(model, "nf4")
-    st.add_adapter(model, st.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "up_proj"]))
-    torch.manual_seed(3)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(std=0.05)
+    model = trained_qlora(base, "nf4")
     st.save_adapter(model, out, metadata=quant_metadata(model))
-    return model.float()
+    return model
 
 
 def test_qlora_into_trained_and_original(base, tmp_path):

@@ -28,6 +28,22 @@ def test_every_family_builds_and_patches_on_cpu():
         unpatch_rope()
 
 
+def _gpu_lora_model(name: str) -> torch.nn.Module:
+    """The family's tiny model as `slimtune train` runs it on a GPU: a bf16 base, LoRA (r 8) on
+    every linear layer with fp32 adapters, B ≠ 0 so that both A and B get gradients."""
+    import slimtune as st
+
+    model = family_model(name).to("cuda", torch.bfloat16)
+    model = st.add_adapter(model, st.LoraConfig(r=8, lora_alpha=16, target_modules="all-linear"))
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if p.requires_grad:
+                p.data = p.data.float()
+                if "lora_B" in n:
+                    p.normal_(std=0.02)
+    return model
+
+
 def _one_step(model, ids, kernels: bool, monkeypatch) -> tuple[float, dict]:
     from slimtune.training.loss import causal_lm_loss
 
@@ -46,17 +62,9 @@ def _one_step(model, ids, kernels: bool, monkeypatch) -> tuple[float, dict]:
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("name", FAMILIES)
 def test_kernels_on_and_off_agree_gpu(name, monkeypatch):
-    import slimtune as st
     from slimtune.kernels.llama_ops import patch_llama, unpatch_rope
 
-    model = family_model(name).to("cuda", torch.bfloat16)
-    model = st.add_adapter(model, st.LoraConfig(r=8, lora_alpha=16, target_modules="all-linear"))
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if p.requires_grad:
-                p.data = p.data.float()
-                if "lora_B" in n:
-                    p.normal_(std=0.02)  # B ≠ 0, so both A and B get gradients
+    model = _gpu_lora_model(name)
     ids = torch.randint(0, 256, (2, 128), device="cuda")
     ref_loss, ref_grads = _one_step(model, ids, False, monkeypatch)
     assert patch_llama(model) >= 7
@@ -77,18 +85,10 @@ def test_kernels_on_and_off_agree_gpu(name, monkeypatch):
 def test_recomputation_on_the_fast_path_gives_the_same_step_gpu(name, offload, monkeypatch):
     """Kernels on, every layer recomputed (its down projection's GEMM skipped where the family
     allows, inputs offloaded on the copy stream): the same loss and gradients as no recomputation."""
-    import slimtune as st
     from slimtune.kernels.llama_ops import patch_llama, unpatch_rope
     from slimtune.kernels.recompute import enable_checkpointing
 
-    model = family_model(name).to("cuda", torch.bfloat16)
-    model = st.add_adapter(model, st.LoraConfig(r=8, lora_alpha=16, target_modules="all-linear"))
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if p.requires_grad:
-                p.data = p.data.float()
-                if "lora_B" in n:
-                    p.normal_(std=0.02)
+    model = _gpu_lora_model(name)
     model.train()
     ids = torch.randint(0, 256, (2, 128), device="cuda")
     assert patch_llama(model) >= 7

@@ -11,26 +11,12 @@ import slimtune as st
 from slimtune.cli.merge import merged_model
 from slimtune.errors import SlimtuneError
 from slimtune.quant.linear import METADATA_KEY, quant_metadata, trained_base
-
-
-def _trained_qlora(tiny_llama_dir, quant: str, dtype: torch.dtype = torch.float32):
-    """A QLoRA model on the tiny Llama whose B matrices are non-zero (as after training)."""
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=dtype)
-    st.quantize_model(model, quant)
-    st.add_adapter(model, st.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "up_proj"]))
-    torch.manual_seed(3)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(std=0.05)
-    return model.float()
+from tiny_models import trained_qlora
 
 
 @pytest.mark.parametrize("quant", ["nf4", "fp4", "int8"])
 def test_merge_into_trained_base_keeps_the_qlora_outputs(tiny_llama_dir, tmp_path, quant):
-    model = _trained_qlora(tiny_llama_dir, quant)
+    model = trained_qlora(tiny_llama_dir, quant)
     ids = torch.randint(0, 90, (2, 20))
     with torch.no_grad():
         trained = model(ids).logits
@@ -66,7 +52,7 @@ def test_peft_loads_an_adapter_with_quantization_metadata(tiny_llama_dir, tmp_pa
     peft = pytest.importorskip("peft")
     from transformers import AutoModelForCausalLM
 
-    model = _trained_qlora(tiny_llama_dir, "nf4")
+    model = trained_qlora(tiny_llama_dir, "nf4")
     st.save_adapter(model, tmp_path / "adapter", metadata=quant_metadata(model))
     base = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32)
     loaded = peft.PeftModel.from_pretrained(base, tmp_path / "adapter")
@@ -86,7 +72,7 @@ def test_cli_merge_into_original_prints_the_shift(tiny_llama_dir, tmp_path, caps
 
     from slimtune.cli.main import main
 
-    model = _trained_qlora(tiny_llama_dir, "nf4")
+    model = trained_qlora(tiny_llama_dir, "nf4")
     st.save_adapter(model, tmp_path / "adapter", metadata=quant_metadata(model))
     args = ["merge", "--model", str(tiny_llama_dir), "--adapter", str(tmp_path / "adapter")]
     assert main([*args, "--out", str(tmp_path / "trained")]) == 0
