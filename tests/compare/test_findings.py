@@ -157,6 +157,12 @@ def test_runs_stopped_by_the_cap_are_named(tmp_path):
     report["settings"]["max_steps"] = 100
     capped = said(report, "**Still improving at the 100-step cap**")
     assert "prompt (2 of 3 seeds)" in capped and "lora" not in capped
+    report = synthetic(tmp_path, prompt={"plateau_step": fig(100, 100, 100),
+                                         "curves": curves([[90, 0.5], [100, 0.4]],
+                                                          [[90, 1.0], [100, 0.9]])})  # fmt: skip
+    report["settings"]["max_steps"] = 100
+    capped = said(report, "**Still improving at the 100-step cap**")
+    assert "prompt (3 of 3 seeds; -15% over the last 10 steps)" in capped  # (-20% - 10%) / 2
     report["settings"]["max_steps"] = 200
     assert not [s for s in findings(report) if "cap**" in s]
 

@@ -258,19 +258,37 @@ def sweep_findings(report: dict[str, Any]) -> list[str]:
     return [text]
 
 
+def last_change(run: dict[str, Any]) -> tuple[float, int] | None:
+    """(mean relative change of the validation loss over the last evaluation interval, the
+    interval's steps) over the seeds' curves; None without two points in a curve."""
+    changes, steps = [], 0
+    for entry in run.get("curves", []):
+        curve = entry["curve"]
+        if len(curve) >= 2 and curve[-2][1]:
+            changes.append(curve[-1][1] / curve[-2][1] - 1)
+            steps = curve[-1][0] - curve[-2][0]
+    return (sum(changes) / len(changes), steps) if changes else None
+
+
 def cap_findings(report: dict[str, Any]) -> list[str]:
-    """Runs whose validation loss was still falling when --max-steps ended them."""
+    """Runs whose validation loss was still falling when --max-steps ended them, and by how
+    much over their last evaluation interval (how far from flat they were)."""
     cap = report["settings"].get("max_steps")
     capped = []
     for run in report["runs"]:
         best = run.get("plateau_step")
         if cap and best and cap in best["values"]:
-            capped.append(f"{run['label']} ({best['values'].count(cap)} of {best['n']} seeds)")
+            change = last_change(run)
+            last = "" if change is None else f"; {change[0]:+.0%} over the last {change[1]} steps"
+            capped.append(
+                f"{run['label']} ({best['values'].count(cap)} of {best['n']} seeds{last})"
+            )
     if not capped:
         return []
     return [f"**Still improving at the {cap}-step cap**: {', '.join(capped)}: their validation "
             "loss was lowest at the last step, so their figures are a lower bound on what "
-            "longer training gives."]  # fmt: skip
+            "longer training gives (the change over the last interval says how far from flat "
+            "each was)."]  # fmt: skip
 
 
 def findings(report: dict[str, Any]) -> list[str]:
