@@ -21,8 +21,7 @@ TARGETS = [
         "_add_lora", "block_diagonal_b", "init_lora_", "lora_delta", "lora_scaling",
         "merge_weight", "unmerge_weight", "pissa_init", "base_weight", "_features")),
     *(LORA + f"xǁ{cls}ǁ{name}__mutmut_*" for cls, name in (
-        ("LoraLinear", "forward"), ("LoraLinear", "delta_weight"),
-        ("LoraFusedLinear", "forward"), ("LoraFusedLinear", "delta_weight"),
+        ("LoraLinear", "forward"), ("LoraLinear", "delta_weight"), ("LoraLinear", "full_b"),
         ("LoraFusedLinear", "full_b"), ("LoraEmbedding", "forward"),
         ("LoraEmbedding", "delta_weight"), ("LoraLayer", "merge"), ("LoraLayer", "unmerge"))),
     "slimtune.quant.nf4.*",

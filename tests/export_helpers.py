@@ -3,7 +3,8 @@
 The shared conftest tokenizer is character-level (WordLevel), which GGUF cannot describe;
 llama.cpp's BPE vocabularies are byte-level BPE, so these tests train one (300 tokens) with
 the `tokenizers` library on a few sentences, with ChatML special tokens and a chat template
-that carries a default system prompt (as SmolLM2's does).
+that carries a default system prompt (as SmolLM2's does). Beside them: SentencePiece
+tokenizers and the other families' tiny models, a PEFT LoRA with random B, and gguf-py's reader.
 """
 
 from __future__ import annotations
@@ -27,6 +28,14 @@ TRAIN_TEXT = [
     "<|im_start|>user\nWhat is two plus two?<|im_end|>\n<|im_start|>assistant\nFour.<|im_end|>",
 ] * 8
 HELD_OUT = "The lazy fox counts one two three and the sky is blue today."
+TINY_SIZES = dict(  # every tiny model's shape: 2 layers of 64, 4 query heads sharing 2 kv heads
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+)
 
 
 def build_bpe_tokenizer():
@@ -59,16 +68,7 @@ def build_model(kind: str, vocab_size: int, *, seed: int = 0, **overrides):
     """A tiny random LlamaForCausalLM (untied head) or Qwen2ForCausalLM (tied, q/k/v biases)."""
     from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
-    settings = dict(
-        vocab_size=vocab_size,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        tie_word_embeddings=kind == "qwen2",
-    )
+    settings = dict(vocab_size=vocab_size, **TINY_SIZES, tie_word_embeddings=kind == "qwen2")
     settings.update(overrides)
     torch.manual_seed(seed)
     if kind == "llama":
@@ -124,6 +124,32 @@ def logits(model, ids) -> torch.Tensor:
         return model(ids).logits
 
 
+def gguf_reader(path: Path):
+    """gguf-py's GGUFReader on `path`: the reference reader of GGUF files."""
+    from gguf import GGUFReader
+
+    return GGUFReader(path)
+
+
+def peft_adapter(model, path: Path, **lora):
+    """A PEFT LoRA on `model` with random B (PEFT starts B at zero), saved to `path`.
+
+    r 4, alpha 8 on q/k/v/o unless `lora` (peft.LoraConfig's fields) says otherwise.
+    """
+    import peft
+
+    settings = dict(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
+    settings.update(lora)
+    wrapped = peft.get_peft_model(model, peft.LoraConfig(**settings))
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for name, param in wrapped.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.1)
+    wrapped.save_pretrained(path)
+    return wrapped
+
+
 # --- SentencePiece tokenizers and the other families ------------------------------------------
 
 # chat templates in the shape of the real ones (Mistral v0.1 / Gemma / Phi-3), cut to the turns
@@ -160,6 +186,21 @@ SPM_STYLES = {  # style -> (tokenizer class, specials, dummy prefix, added token
         PHI3_TEMPLATE,
     ),
 }
+
+
+FAMILY_STYLE = {  # family -> the SPM_STYLES tokenizer its tiny model is given
+    "mistral": "llama",
+    "qwen3": "phi3",
+    "phi3": "phi3",
+    "gemma": "gemma",
+    "gemma2": "gemma",
+    "gemma3_text": "gemma",
+}
+
+
+def spm_tokenizers(root: Path) -> dict:
+    """style -> SentencePiece tokenizer (Llama 2 / Mistral, Gemma, Phi-3 shaped), under `root`."""
+    return {style: build_spm_tokenizer(style, root / style) for style in SPM_STYLES}
 
 
 def build_spm_tokenizer(style: str, folder: Path):
@@ -236,12 +277,7 @@ def build_family_model(kind: str, tokenizer, *, seed: int = 0):
     config_name, model_name, extra = FAMILY_CONFIGS[kind]
     settings = dict(
         vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
+        **TINY_SIZES,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,

@@ -12,7 +12,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from export_helpers import (
     HELD_OUT,
@@ -20,6 +19,7 @@ from export_helpers import (
     build_model,
     gguf_model,
     logits,
+    peft_adapter,
     save_model_dir,
 )
 from slimtune.cli.main import main
@@ -46,21 +46,11 @@ def tokenizer():
 @pytest.fixture(scope="module")
 def adapted(tmp_path_factory, tokenizer):
     """(model dir, adapter dir, PEFT logits on HELD_OUT) for a tiny Llama with a random LoRA."""
-    import peft
-
     root = tmp_path_factory.mktemp("export-cli")
     model = build_model("llama", len(tokenizer))
     save_model_dir(model, tokenizer, root / "model")
-    config = peft.LoraConfig(
-        r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "down_proj"]
-    )
-    wrapped = peft.get_peft_model(model, config)
-    torch.manual_seed(1)
-    with torch.no_grad():
-        for name, param in wrapped.named_parameters():
-            if "lora_B" in name:
-                param.normal_(0, 0.1)
-    wrapped.save_pretrained(root / "adapter")
+    targets = ["q_proj", "k_proj", "v_proj", "down_proj"]
+    wrapped = peft_adapter(model, root / "adapter", target_modules=targets)
     ids = tokenizer(HELD_OUT, return_tensors="pt").input_ids
     return root / "model", root / "adapter", logits(wrapped.eval(), ids)
 

@@ -22,7 +22,9 @@ from export_helpers import (
     build_model,
     fit,
     gguf_model,
+    gguf_reader,
     logits,
+    peft_adapter,
     perplexity,
 )
 from slimtune.atomic import _umask
@@ -38,12 +40,6 @@ def tokenizer():
     return build_bpe_tokenizer()
 
 
-def _reader(path):
-    from gguf import GGUFReader
-
-    return GGUFReader(path)
-
-
 @pytest.mark.parametrize("kind", ["llama", "qwen2"])
 def test_gguf_f32_reads_back_identical(tmp_path, tokenizer, kind):
     model = build_model(kind, len(tokenizer))
@@ -55,7 +51,7 @@ def test_gguf_f32_reads_back_identical(tmp_path, tokenizer, kind):
     ours, theirs = model.state_dict(), back.state_dict()
     for key, value in ours.items():  # bit-identical: the permutation is the exact inverse
         assert torch.equal(value, theirs[key]), key
-    names = {t.name for t in _reader(path).tensors}
+    names = {t.name for t in gguf_reader(path).tensors}
     assert ("output.weight" in names) == (kind == "llama")  # qwen2 fixture is tied
     assert "blk.1.attn_q.weight" in names and "blk.0.ffn_down.weight" in names
 
@@ -110,7 +106,7 @@ def test_q8_0_perplexity_within_one_percent_of_f32(tmp_path, tokenizer):
     ppl_f32, ppl_q8 = perplexity(f32, tokenizer), perplexity(q8, tokenizer)
     assert ppl_f32 < len(tokenizer) / 4  # trained: far from uniform
     assert abs(ppl_q8 - ppl_f32) / ppl_f32 < 0.01
-    types = {t.name: t.tensor_type.name for t in _reader(tmp_path / "b" / "m.gguf").tensors}
+    types = {t.name: t.tensor_type.name for t in gguf_reader(tmp_path / "b" / "m.gguf").tensors}
     assert types["blk.0.attn_q.weight"] == "Q8_0" and types["blk.0.attn_norm.weight"] == "F32"
 
 
@@ -118,7 +114,7 @@ def test_q8_0_falls_back_to_f16_for_short_rows(tmp_path, tokenizer):
     model = build_model("llama", len(tokenizer), intermediate_size=80)  # ffn_down rows: 80
     said: list[str] = []
     path = export_gguf(model, tokenizer, tmp_path / "m.gguf", dtype="q8_0", say=said.append)
-    types = {t.name: t.tensor_type.name for t in _reader(path).tensors}
+    types = {t.name: t.tensor_type.name for t in gguf_reader(path).tensors}
     assert types["blk.0.ffn_down.weight"] == "F16" and types["blk.0.ffn_up.weight"] == "Q8_0"
     notes = [line for line in said if "q8_0" in line]
     assert len(notes) == 1 and "2 tensor(s)" in notes[0] and "f16" in notes[0]
@@ -129,7 +125,7 @@ def test_q8_0_falls_back_to_f16_for_short_rows(tmp_path, tokenizer):
 
 def test_gguf_metadata_carries_tokenizer_and_chat_template(tmp_path, tokenizer):
     model = build_model("llama", len(tokenizer) + 4)  # padded embedding: 4 unused rows
-    fields = _reader(export_gguf(model, tokenizer, tmp_path / "m.gguf", dtype="f16")).fields
+    fields = gguf_reader(export_gguf(model, tokenizer, tmp_path / "m.gguf", dtype="f16")).fields
     by_id = sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1])
     tokens = fields["tokenizer.ggml.tokens"].contents()
     assert tokens[: len(by_id)] == [t for t, _ in by_id] and len(tokens) == len(tokenizer) + 4
@@ -208,22 +204,6 @@ def test_safetensors_export_is_sharded_and_loads(tmp_path, tokenizer):
 # --- GGUF LoRA ------------------------------------------------------------------------------
 
 
-def peft_adapter(model, path, **lora):
-    """A PEFT LoRA on `model` with random B (PEFT starts B at zero), saved to `path`."""
-    import peft
-
-    settings = dict(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
-    settings.update(lora)
-    wrapped = peft.get_peft_model(model, peft.LoraConfig(**settings))
-    torch.manual_seed(1)
-    with torch.no_grad():
-        for name, param in wrapped.named_parameters():
-            if "lora_B" in name:
-                param.normal_(0, 0.1)
-    wrapped.save_pretrained(path)
-    return wrapped
-
-
 @pytest.mark.parametrize("rslora", [False, True])
 def test_gguf_lora_names_shapes_alpha_and_merge(tmp_path, tokenizer, rslora):
     model = build_model("llama", len(tokenizer))
@@ -239,7 +219,7 @@ def test_gguf_lora_names_shapes_alpha_and_merge(tmp_path, tokenizer, rslora):
     q0 = wrapped.base_model.model.model.layers[0].self_attn.q_proj
     assert q0.scaling["default"] == (16.0 if rslora else 8.0)  # the alpha_pattern took effect
     path = export_gguf_lora(tmp_path / "adapter", model.config, tmp_path / "a.gguf", dtype="f32")
-    reader = _reader(path)
+    reader = gguf_reader(path)
     assert reader.fields["general.type"].contents() == "adapter"
     assert reader.fields["adapter.type"].contents() == "lora"
     assert reader.fields["adapter.lora.alpha"].contents() == 8.0

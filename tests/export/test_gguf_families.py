@@ -14,32 +14,26 @@ import pytest
 import torch
 
 from export_helpers import (
+    FAMILY_STYLE,
     HELD_OUT,
     build_family_model,
-    build_spm_tokenizer,
     gguf_model,
+    gguf_reader,
     logits,
+    peft_adapter,
+    spm_tokenizers,
 )
 from slimtune.errors import SlimtuneError
 from slimtune.export import gguf_arch as ga
 from slimtune.export.gguf import export_gguf, export_gguf_lora
 
-STYLE = {"mistral": "llama", "qwen3": "phi3", "phi3": "phi3", "gemma": "gemma"}
-STYLE |= {"gemma2": "gemma", "gemma3_text": "gemma"}
 ARCH = {"mistral": "llama", "gemma3_text": "gemma3"}
 
 
 @pytest.fixture(scope="module")
 def spm(tmp_path_factory):
     """style -> SentencePiece tokenizer (Llama 2 / Mistral, Gemma, Phi-3 shaped)."""
-    root = tmp_path_factory.mktemp("spm")
-    return {style: build_spm_tokenizer(style, root / style) for style in ("llama", "gemma", "phi3")}
-
-
-def _reader(path):
-    from gguf import GGUFReader
-
-    return GGUFReader(path)
+    return spm_tokenizers(tmp_path_factory.mktemp("spm"))
 
 
 def _ids(tokenizer, text=HELD_OUT) -> list[int]:
@@ -53,7 +47,7 @@ def test_sentencepiece_pieces_scores_and_types_are_the_model_files(tmp_path, spm
     tokenizer = spm[style]
     kind = {"llama": "mistral", "gemma": "gemma2", "phi3": "phi3"}[style]
     model = build_family_model(kind, tokenizer)
-    fields = _reader(export_gguf(model, tokenizer, tmp_path / "m.gguf", dtype="f32")).fields
+    fields = gguf_reader(export_gguf(model, tokenizer, tmp_path / "m.gguf", dtype="f32")).fields
     sp = sentencepiece.SentencePieceProcessor(model_file=tokenizer.vocab_file)
     tokens = fields["tokenizer.ggml.tokens"].contents()
     scores = fields["tokenizer.ggml.scores"].contents()
@@ -96,7 +90,7 @@ def test_sentencepiece_from_tokenizer_json_alone(tmp_path, spm, style):
         export_gguf(model, t, tmp_path / n / "m.gguf")
         for n, t in (("a", original), ("b", tokenizer))
     ]
-    a, b = (_reader(p).fields for p in paths)
+    a, b = (gguf_reader(p).fields for p in paths)
     assert a["tokenizer.ggml.tokens"].contents() == b["tokenizer.ggml.tokens"].contents()
     assert a["tokenizer.ggml.token_type"].contents() == b["tokenizer.ggml.token_type"].contents()
     _, back = gguf_model(paths[1], None if kind == "mistral" else model.config)
@@ -106,13 +100,13 @@ def test_sentencepiece_from_tokenizer_json_alone(tmp_path, spm, style):
 
 @pytest.mark.parametrize("kind", ["mistral", "qwen3", "gemma2", "gemma3_text", "phi3"])
 def test_family_reads_back_in_transformers(tmp_path, spm, kind):
-    tokenizer = spm[STYLE[kind]]
+    tokenizer = spm[FAMILY_STYLE[kind]]
     model = build_family_model(kind, tokenizer)
     path = export_gguf(model, tokenizer, tmp_path / "m.gguf", dtype="f32")
     # transformers' GGUF config mapping misses head_dim (Qwen3) and the Gemma keys: give it ours
     config = None if kind in ("mistral", "phi3") else model.config
     back, back_tok = gguf_model(path, config)
-    assert _reader(path).fields["general.architecture"].contents() == ARCH.get(kind, kind)
+    assert gguf_reader(path).fields["general.architecture"].contents() == ARCH.get(kind, kind)
     theirs = back.state_dict()
     for key, value in model.state_dict().items():  # Gemma norms: (w + 1) - 1, one f32 rounding
         assert torch.allclose(theirs[key], value, rtol=0, atol=1e-7), key
@@ -125,7 +119,7 @@ def test_gemma_norms_are_written_plus_one(tmp_path, spm):
     """Gemma 1 (transformers' GGUF loader cannot read it): norm weights are 1 + w, tied head."""
     tokenizer = spm["gemma"]
     model = build_family_model("gemma", tokenizer)
-    reader = _reader(export_gguf(model, tokenizer, tmp_path / "m.gguf", dtype="f32"))
+    reader = gguf_reader(export_gguf(model, tokenizer, tmp_path / "m.gguf", dtype="f32"))
     tensors = {t.name: np.array(t.data) for t in reader.tensors}
     norm = model.model.layers[1].post_attention_layernorm.weight.detach().numpy()
     assert np.array_equal(tensors["blk.1.ffn_norm.weight"], norm + 1)
@@ -138,7 +132,7 @@ def test_gemma_norms_are_written_plus_one(tmp_path, spm):
 def test_gemma3_sliding_window_keys(tmp_path, spm):
     tokenizer = spm["gemma"]
     model = build_family_model("gemma3_text", tokenizer)
-    fields = _reader(export_gguf(model, tokenizer, tmp_path / "m.gguf", dtype="f16")).fields
+    fields = gguf_reader(export_gguf(model, tokenizer, tmp_path / "m.gguf", dtype="f16")).fields
     assert fields["gemma3.attention.sliding_window"].contents() == 8
     assert fields["gemma3.attention.sliding_window_pattern"].contents() == [True, False]
     assert fields["gemma3.rope.freq_base"].contents() == 1e6
@@ -148,30 +142,17 @@ def test_gemma3_sliding_window_keys(tmp_path, spm):
 # --- LoRA adapters --------------------------------------------------------------------------
 
 
-def _peft_adapter(model, path, targets):
-    import peft
-
-    wrapped = peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets))
-    torch.manual_seed(1)
-    with torch.no_grad():
-        for name, param in wrapped.named_parameters():
-            if "lora_B" in name:
-                param.normal_(0, 0.1)
-    wrapped.save_pretrained(path)
-    return wrapped
-
-
 @pytest.mark.parametrize("kind", ["mistral", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3"])
 def test_family_gguf_lora_applies_like_peft_merge(tmp_path, spm, kind):
-    model = build_family_model(kind, spm[STYLE[kind]])
+    model = build_family_model(kind, spm[FAMILY_STYLE[kind]])
     fused = kind == "phi3"
     targets = ["qkv_proj", "gate_up_proj"] if fused else ["q_proj", "k_proj", "v_proj", "up_proj"]
     base = dict(
         ga.model_tensors({k: v.clone() for k, v in model.state_dict().items()}, model.config)
     )
-    wrapped = _peft_adapter(model, tmp_path / "adapter", targets)
+    wrapped = peft_adapter(model, tmp_path / "adapter", target_modules=targets)
     path = export_gguf_lora(tmp_path / "adapter", model.config, tmp_path / "a.gguf", dtype="f32")
-    reader = _reader(path)
+    reader = gguf_reader(path)
     assert reader.fields["general.architecture"].contents() == ARCH.get(kind, kind)
     lora = {t.name: torch.from_numpy(np.array(t.data)) for t in reader.tensors}
     merged = dict(ga.model_tensors(wrapped.merge_and_unload().state_dict(), model.config))

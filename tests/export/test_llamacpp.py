@@ -16,21 +16,22 @@ import pytest
 import torch
 
 from export_helpers import (
+    FAMILY_STYLE,
     HELD_OUT,
     TRAIN_TEXT,
     build_bpe_tokenizer,
     build_family_model,
     build_model,
-    build_spm_tokenizer,
     fit,
+    gguf_reader,
     logits,
+    peft_adapter,
+    spm_tokenizers,
 )
 from slimtune.export.gguf import export_gguf, export_gguf_lora
 from slimtune.export.quantize import LLAMACPP_TYPES, quantize_gguf
 
 pytestmark = pytest.mark.llamacpp
-STYLE = {"mistral": "llama", "qwen3": "phi3", "phi3": "phi3", "gemma": "gemma"}
-STYLE |= {"gemma2": "gemma", "gemma3_text": "gemma"}
 MAIN_TYPE = {"q4_k_s": "Q4_K", "q4_k_m": "Q4_K", "q5_k_s": "Q5_K", "q5_k_m": "Q5_K"}
 MAIN_TYPE |= {"q3_k_s": "Q3_K", "q3_k_m": "Q3_K", "q3_k_l": "Q3_K"}
 
@@ -42,8 +43,7 @@ def llama_cpp():
 
 @pytest.fixture(scope="module")
 def spm(tmp_path_factory):
-    root = tmp_path_factory.mktemp("spm")
-    return {style: build_spm_tokenizer(style, root / style) for style in ("llama", "gemma", "phi3")}
+    return spm_tokenizers(tmp_path_factory.mktemp("spm"))
 
 
 def _llama(path, **kwargs):
@@ -88,19 +88,6 @@ def llamacpp_perplexity(path, ids: list[int]) -> float:
     return float(np.exp((logz - scores[np.arange(len(ids) - 1), ids[1:]]).mean()))
 
 
-def _peft_adapter(model, path, targets):
-    import peft
-
-    wrapped = peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets))
-    torch.manual_seed(1)
-    with torch.no_grad():
-        for name, param in wrapped.named_parameters():
-            if "lora_B" in name:
-                param.normal_(0, 0.1)
-    wrapped.save_pretrained(path)
-    return wrapped
-
-
 # --- every family: f16, q8_0, LoRA ----------------------------------------------------------
 
 
@@ -113,7 +100,7 @@ def test_family_runs_in_llamacpp(tmp_path, llama_cpp, spm, kind):
         tokenizer = build_bpe_tokenizer()
         model = build_model(kind, len(tokenizer))
     else:
-        tokenizer = spm[STYLE[kind]]
+        tokenizer = spm[FAMILY_STYLE[kind]]
         model = build_family_model(kind, tokenizer)
     fit(model, tokenizer)
     vocab = _llama(export_gguf(model, tokenizer, tmp_path / "v.gguf", dtype="f16"), vocab_only=True)
@@ -129,7 +116,8 @@ def test_family_runs_in_llamacpp(tmp_path, llama_cpp, spm, kind):
     fused = kind == "phi3"
     targets = ["qkv_proj", "gate_up_proj"] if fused else ["q_proj", "k_proj", "v_proj", "up_proj"]
     base = export_gguf(model, tokenizer, tmp_path / "base.gguf", dtype="f32")
-    merged = _peft_adapter(model, tmp_path / "adapter", targets).merge_and_unload().eval()
+    adapter = peft_adapter(model, tmp_path / "adapter", target_modules=targets)
+    merged = adapter.merge_and_unload().eval()
     lora = export_gguf_lora(tmp_path / "adapter", model.config, tmp_path / "lora.gguf", dtype="f32")
     tokens, first = greedy_llamacpp(base, prompt, 8, lora=lora)
     assert tokens == greedy_hf(merged, prompt, 8), kind
@@ -151,11 +139,9 @@ def tiny_f16(tmp_path_factory):
 
 @pytest.mark.parametrize("dtype", list(LLAMACPP_TYPES))
 def test_every_llamacpp_type_runs(tmp_path, llama_cpp, tiny_f16, dtype):
-    from gguf import GGUFReader
-
     f16, model, tokenizer = tiny_f16
     out = export_gguf(model, tokenizer, tmp_path / "m.gguf", dtype=dtype)
-    types = {t.tensor_type.name for t in GGUFReader(out).tensors}
+    types = {t.tensor_type.name for t in gguf_reader(out).tensors}
     assert MAIN_TYPE.get(dtype, dtype.upper()) in types, types
     assert out.stat().st_size < 0.5 * f16.stat().st_size
     ids = tokenizer(" ".join(TRAIN_TEXT[:4])).input_ids
@@ -198,23 +184,10 @@ def test_smollm2_f16_and_q8_0_greedy_match_transformers(tmp_path, smollm2_f16):
     """f16: 16 greedy tokens as transformers gives. q8_0: the first 8; the 9th is a digit whose
     top two logits are so close that Q8_0 noise picks another (llama.cpp's own Q8_0 of the same
     model does too, and so does transformers running the Q8_0 weights)."""
-    from slimtune.cli.main import main
     from slimtune.models import load_model
 
     q8 = tmp_path / "q8.gguf"
-    main(
-        [
-            "export",
-            "--model",
-            "smollm2-135m",
-            "--format",
-            "gguf",
-            "--dtype",
-            "q8_0",
-            "--out",
-            str(q8),
-        ]
-    )
+    _q8(q8)
     model, tok = load_model("smollm2-135m")
     messages = [{"role": "user", "content": "Ada Lovelace, 36, is a mathematician in London."}]
     text = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
@@ -247,21 +220,11 @@ def test_smollm2_quantized_perplexity_ratios(tmp_path, smollm2_f16):
 
 
 def _q8(path: Path) -> None:
+    """SmolLM2-135M exported by slimtune as Q8_0 (its own quantizer, not llama.cpp's)."""
     from slimtune.cli.main import main
 
-    main(
-        [
-            "export",
-            "--model",
-            "smollm2-135m",
-            "--format",
-            "gguf",
-            "--dtype",
-            "q8_0",
-            "--out",
-            str(path),
-        ]
-    )
+    main(["export", "--model", "smollm2-135m", "--format", "gguf", "--dtype", "q8_0",
+          "--out", str(path)])  # fmt: skip
 
 
 def test_demo_adapter_as_q4_k_m_answers_like_slimtune(tmp_path, llama_cpp):

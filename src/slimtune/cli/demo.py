@@ -9,6 +9,8 @@ The demo measures exact match on 40 held-out rows (names and cities never seen i
 training) before and after a short LoRA run, shows a few answers side by side, and
 leaves a full run directory (RUN/summary.json gains `before` and `after`). Like `train`, it
 refuses a non-empty --out unless --overwrite, and then replaces only a run's own files.
+`demo --preference` (demo_preference.py) shares its start, training run and report's end
+(start_demo, train_demo, finish_demo, report_end).
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ import os
 import shutil
 import sys
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -52,6 +56,69 @@ def pick_threads() -> int:
     return torch.get_num_threads()
 
 
+@dataclass(frozen=True)
+class DemoStart:
+    """What both demos (this one and demo_preference.py) begin with; start_demo makes it."""
+
+    args: argparse.Namespace
+    model_name: str  # the model it loads (MODEL), named again in its run and report
+    out: Path  # the run directory, checked as `train` checks it
+    began: float  # time.perf_counter() at the start, for summary.json's demo_wall_time_s
+    say: Callable[..., None]  # print, or nothing with --quiet
+    model: Any  # as loaded, no adapter yet (add_adapter then wraps its layers in place)
+    tokenizer: Any
+
+
+def start_demo(
+    args: argparse.Namespace, model_name: str, default_out: str, title: str
+) -> DemoStart:
+    """Check the run directory, quiet the libraries, pick the threads and load the model.
+
+    `title` is the first line printed, with `{threads}` standing for the thread count.
+    """
+    from slimtune.cli.train import quiet_transformers
+    from slimtune.models import load_model
+    from slimtune.training.rundir import check_run_dir
+
+    out = check_run_dir(args.out or default_out, resume=False, overwrite=args.overwrite)
+    began = time.perf_counter()
+    quiet_transformers(args.quiet)
+    say = (lambda *a: None) if args.quiet else print
+    threads = pick_threads()
+    say(title.format(threads=threads))
+    say(f"  loading {model_name} (the first time converts its GGUF file, about 20 s) …")
+    model, tokenizer = load_model(model_name)
+    return DemoStart(args, model_name, out, began, say, model, tokenizer)
+
+
+def train_demo(
+    start: DemoStart, model, train_data, config: TrainConfig, lora: LoraConfig, data_file: Path
+) -> dict[str, Any]:
+    """Train the demo's LoRA adapter into start.out (as `slimtune train`); returns the summary."""
+    from slimtune.training.loop import train
+    from slimtune.training.setup import adapter_saver
+
+    args, name = start.args, start.model_name
+    run_config = {"model": name, "data": str(data_file), "method": "lora", "rank": lora.r,
+                  "alpha": lora.lora_alpha, "target_modules": ",".join(TARGETS)}  # fmt: skip
+    return train(
+        model, start.tokenizer, train_data, config, start.out, save_fn=adapter_saver(name),
+        overwrite=args.overwrite, quiet=args.quiet, run_config=run_config,
+    )  # fmt: skip
+
+
+def finish_demo(
+    start: DemoStart, summary: dict, before: dict, after: dict, report: Callable[..., str]
+) -> int:
+    """Add before, after and the wall time to RUN/summary.json and print the report."""
+    from slimtune.atomic import write_json
+
+    summary.update(before=before, after=after, demo_wall_time_s=time.perf_counter() - start.began)
+    write_json(start.out / "summary.json", summary)
+    print(report(before, after, summary, start.out))
+    return 0
+
+
 def held_out(model, tokenizer, data) -> dict[str, Any]:
     from slimtune.evaluate import evaluate
 
@@ -73,23 +140,12 @@ def side_by_side(before: dict, after: dict, n: int = 4) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from slimtune.atomic import write_json
-    from slimtune.cli.train import quiet_transformers
     from slimtune.methods.table import add_adapter
-    from slimtune.models import load_model
     from slimtune.training.data import load_dataset
-    from slimtune.training.loop import train
-    from slimtune.training.rundir import check_run_dir
-    from slimtune.training.setup import adapter_saver
 
-    out = check_run_dir(args.out or "runs/demo", resume=False, overwrite=args.overwrite)
-    began = time.perf_counter()
-    quiet_transformers(args.quiet)
-    say = (lambda *a: None) if args.quiet else print
-    threads = pick_threads()
-    say(f"slimtune demo: teach SmolLM2-135M a fixed answer format (LoRA, CPU, {threads} thr.)")
-    say(f"  loading {MODEL} (the first time converts its GGUF file, about 20 s) …")
-    model, tokenizer = load_model(MODEL)
+    title = "slimtune demo: teach SmolLM2-135M a fixed answer format (LoRA, CPU, {threads} thr.)"
+    start = start_demo(args, MODEL, "runs/demo", title)
+    model, tokenizer, say = start.model, start.tokenizer, start.say
     train_data = load_dataset(demo_file("train.jsonl"), tokenizer, TRAIN.max_length)
     test_data = load_dataset(demo_file("heldout.jsonl"), tokenizer, TRAIN.max_length)
     say(f"  held-out exact match before training ({len(test_data)} rows never trained on) …")
@@ -99,17 +155,9 @@ def run(args: argparse.Namespace) -> int:
     say(
         f"  training LoRA r={LORA.r} on attention + MLP: {TRAIN.max_steps} steps × {TRAIN.batch_size} rows"
     )
-    run_config = {"model": MODEL, "data": str(demo_file("train.jsonl")), "method": "lora",
-                  "rank": LORA.r, "alpha": LORA.lora_alpha, "target_modules": ",".join(TARGETS)}  # fmt: skip
-    summary = train(
-        model, tokenizer, train_data, TRAIN, out, save_fn=adapter_saver(MODEL),
-        overwrite=args.overwrite, quiet=args.quiet, run_config=run_config,
-    )  # fmt: skip
+    summary = train_demo(start, model, train_data, TRAIN, LORA, demo_file("train.jsonl"))
     after = held_out(model, tokenizer, test_data)
-    summary.update(before=before, after=after, demo_wall_time_s=time.perf_counter() - began)
-    write_json(out / "summary.json", summary)
-    print(report(before, after, summary, out))
-    return 0
+    return finish_demo(start, summary, before, after, report)
 
 
 def command_name() -> str:
@@ -130,12 +178,19 @@ def report(before: dict, after: dict, summary: dict, out: Path) -> str:
             f"{100 * after['exact_match']:.1f}%  ({gain:+.1f} points; "
             f"loss {before['loss']:.3f} -> {after['loss']:.3f})",
             side_by_side(before, after),
-            "",
-            f"trained {summary['trainable_params']:,} of {summary['total_params']:,} parameters "
-            f"in {summary['wall_time_s']:.0f} s; whole demo {summary['demo_wall_time_s']:.0f} s; "
-            f"run directory: {out}/",
-            "try it:",
-            f'  {command_name()} generate --model {MODEL} --adapter {out}/adapter --prompt "{TRY_PROMPT}"',
-            f"  {command_name()} eval --model {MODEL} --adapter {out}/adapter --data {demo_file('heldout.jsonl')}",
+            *report_end(summary, out, MODEL, TRY_PROMPT, f"--data {demo_file('heldout.jsonl')}"),
         ]
     )
+
+
+def report_end(summary: dict, out: Path, model: str, prompt: str, eval_flags: str) -> list[str]:
+    """The demos' last lines: what trained, how long it took, and two commands to try the run."""
+    return [
+        "",
+        f"trained {summary['trainable_params']:,} of {summary['total_params']:,} parameters "
+        f"in {summary['wall_time_s']:.0f} s; whole demo {summary['demo_wall_time_s']:.0f} s; "
+        f"run directory: {out}/",
+        "try it:",
+        f'  {command_name()} generate --model {model} --adapter {out}/adapter --prompt "{prompt}"',
+        f"  {command_name()} eval --model {model} --adapter {out}/adapter {eval_flags}",
+    ]

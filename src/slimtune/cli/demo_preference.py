@@ -22,13 +22,20 @@ from __future__ import annotations
 
 import argparse
 import re
-import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from slimtune.cli.demo import LORA, MODEL, TARGETS, command_name, demo_file, pick_threads
+from slimtune.cli.demo import (
+    LORA,
+    MODEL,
+    demo_file,
+    finish_demo,
+    report_end,
+    start_demo,
+    train_demo,
+)
 from slimtune.config import TrainConfig
 
 TRAIN = TrainConfig(
@@ -70,25 +77,14 @@ def held_out(model, tokenizer, data, loss) -> dict[str, Any]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from slimtune.atomic import write_json
-    from slimtune.cli.train import quiet_transformers
     from slimtune.methods.table import add_adapter
-    from slimtune.models import load_model
-    from slimtune.training.loop import train
     from slimtune.training.preference import load_preference_data
     from slimtune.training.preference_loss import objective_loss
-    from slimtune.training.rundir import check_run_dir
-    from slimtune.training.setup import adapter_saver
 
-    out = check_run_dir(args.out or "runs/demo-preference", resume=False, overwrite=args.overwrite)
-    began = time.perf_counter()
-    quiet_transformers(args.quiet)
-    say = (lambda *a: None) if args.quiet else print
-    threads = pick_threads()
-    say(f"slimtune demo --preference: teach SmolLM2-135M to answer in one plain sentence "
-        f"(DPO, LoRA, CPU, {threads} thr.)")  # fmt: skip
-    say(f"  loading {MODEL} (the first time converts its GGUF file, about 20 s) …")
-    model, tokenizer = load_model(MODEL)
+    title = ("slimtune demo --preference: teach SmolLM2-135M to answer in one plain sentence "
+             "(DPO, LoRA, CPU, {threads} thr.)")  # fmt: skip
+    start = start_demo(args, MODEL, "runs/demo-preference", title)
+    model, tokenizer, say = start.model, start.tokenizer, start.say
     train_file, test_file = (
         demo_file("preference_train.jsonl"),
         demo_file("preference_heldout.jsonl"),
@@ -102,17 +98,9 @@ def run(args: argparse.Namespace) -> int:
     before = held_out(model, tokenizer, test_data, loss)
     say(f"  DPO, β={TRAIN.beta}, LoRA r={LORA.r} on attention + MLP: {TRAIN.max_steps} steps × "
         f"{TRAIN.batch_size} pairs; the reference is the same model with the adapter off")  # fmt: skip
-    run_config = {"model": MODEL, "data": str(train_file), "method": "lora", "rank": LORA.r,
-                  "alpha": LORA.lora_alpha, "target_modules": ",".join(TARGETS)}  # fmt: skip
-    summary = train(
-        model, tokenizer, train_data, TRAIN, out, save_fn=adapter_saver(MODEL),
-        overwrite=args.overwrite, quiet=args.quiet, run_config=run_config,
-    )  # fmt: skip
+    summary = train_demo(start, model, train_data, TRAIN, LORA, train_file)
     after = held_out(model, tokenizer, test_data, loss)
-    summary.update(before=before, after=after, demo_wall_time_s=time.perf_counter() - began)
-    write_json(out / "summary.json", summary)
-    print(report(before, after, summary, out))
-    return 0
+    return finish_demo(start, summary, before, after, report)
 
 
 def side_by_side(before: dict, after: dict, n: int = 4) -> str:
@@ -130,6 +118,7 @@ def side_by_side(before: dict, after: dict, n: int = 4) -> str:
 
 def report(before: dict, after: dict, summary: dict, out: Path) -> str:
     gain = 100 * (after["one_sentence"] - before["one_sentence"])
+    data = demo_file("preference_heldout.jsonl")
     return "\n".join(
         [
             "",
@@ -139,13 +128,6 @@ def report(before: dict, after: dict, summary: dict, out: Path) -> str:
             f"{100 * after['reward_accuracy']:.1f}%  (margin {before['reward_margin']:.2f} -> "
             f"{after['reward_margin']:.2f}; DPO loss {before['loss']:.3f} -> {after['loss']:.3f})",
             side_by_side(before, after),
-            "",
-            f"trained {summary['trainable_params']:,} of {summary['total_params']:,} parameters "
-            f"in {summary['wall_time_s']:.0f} s; whole demo {summary['demo_wall_time_s']:.0f} s; "
-            f"run directory: {out}/",
-            "try it:",
-            f'  {command_name()} generate --model {MODEL} --adapter {out}/adapter --prompt "{TRY_PROMPT}"',
-            f"  {command_name()} eval --model {MODEL} --adapter {out}/adapter --objective dpo "
-            f"--data {demo_file('preference_heldout.jsonl')}",
+            *report_end(summary, out, MODEL, TRY_PROMPT, f"--objective dpo --data {data}"),
         ]
     )

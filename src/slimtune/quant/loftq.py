@@ -19,6 +19,8 @@ directions into the adapter". ‖W − Q − sBA‖ never exceeds ‖W − Q‖ 
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor
 
@@ -54,7 +56,15 @@ def loftq_decompose(
     double_quant: bool = True,
     iters: int = 1,
 ) -> tuple[QuantState, Tensor, Tensor]:
-    """LoftQ on one weight (out, in): (quantized base state, A (r, in), B (out, r)), fp32 A/B."""
+    """LoftQ on one weight (out, in): (quantized base state, A (r, in), B (out, r)), fp32 A/B.
+
+    Args:
+        weight: the full-precision W (out, in).
+        r: the LoRA rank.
+        scaling: the adapter's scaling (alpha / r): A and B are divided by √scaling.
+        quant, blocksize, double_quant: how the base will be quantized.
+        iters: alternating steps T (the paper uses 1 … 5).
+    """
     w = weight.detach().float()
     lora_a = torch.zeros(r, w.shape[1])
     lora_b = torch.zeros(w.shape[0], r)
@@ -66,35 +76,12 @@ def loftq_decompose(
     return state, lora_a, lora_b
 
 
-def loftq_init(
-    weight: Tensor,
-    r: int,
-    *,
-    scaling: float = 1.0,
-    quant: str = "nf4",
-    blocksize: int = 64,
-    double_quant: bool = True,
-    iters: int = 1,
-) -> tuple[Tensor, Tensor, Tensor]:
+def loftq_init(weight: Tensor, r: int, **options: Any) -> tuple[Tensor, Tensor, Tensor]:
     """LoftQ initialisation in PEFT's order: (dequantized base Q, A, B).
 
+    Takes loftq_decompose's arguments (scaling, quant, blocksize, double_quant, iters).
     Q (in `weight`'s dtype) replaces the base weight; quantizing it again with the same
     settings gives back the same codes (double quantization may move an absmax by 1 ulp).
-
-    Args:
-        weight: the full-precision W (out, in).
-        r: the LoRA rank.
-        scaling: the adapter's scaling (alpha / r): A and B are divided by √scaling.
-        quant, blocksize, double_quant: how the base will be quantized.
-        iters: alternating steps T (the paper uses 1 … 5).
     """
-    state, lora_a, lora_b = loftq_decompose(
-        weight,
-        r,
-        scaling=scaling,
-        quant=quant,
-        blocksize=blocksize,
-        double_quant=double_quant,
-        iters=iters,
-    )
+    state, lora_a, lora_b = loftq_decompose(weight, r, **options)
     return state.dequantize(weight.dtype), lora_a, lora_b

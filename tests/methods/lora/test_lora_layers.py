@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import re
 
 import pytest
 import torch
@@ -225,6 +226,21 @@ def test_loftq_without_helper_or_on_embedding_is_an_error():
         emb.add_adapter("default", 2, 2.0, init="loftq")
     with pytest.raises(SlimtuneError, match="equal slices"):
         LoraFusedLinear(_linear(12, 10), [True, False, True])
+
+
+def test_pissa_and_loftq_are_refused_before_a_layer_without_a_dense_weight_changes():
+    layers = {
+        "an Embedding layer": LoraEmbedding(nn.Embedding(5, 3)),
+        "a fused layer with enable_lora": LoraFusedLinear(_linear(12, 24), [True, False, True]),
+    }
+    for kind, layer in layers.items():
+        for init in ("pissa", "loftq"):
+            message = f"init_lora_weights={init!r} is not available for {kind}"
+            with pytest.raises(SlimtuneError, match=re.escape(message)):
+                layer.add_adapter("default", 2, 2.0, init=init)
+            assert layer.r == {} and layer._adapter_modules("default") == []
+        layer.add_adapter("default", 2, 2.0)  # the name is still free
+        assert layer.r == {"default": 2}
 
 
 def test_wraps_any_linear_like_module_such_as_a_quantized_base():

@@ -95,12 +95,6 @@ def pissa_init(w0: Tensor, r: int, scaling: float) -> tuple[Tensor, Tensor, Tens
 INIT_FROM_WEIGHT = ("pissa", "loftq")  # inits that factor W0 into A, B (and replace W0)
 
 
-def refuse_init_from_weight(init: bool | str, layer: str) -> None:
-    """PiSSA and LoftQ factor one dense weight; `layer` names a layer kind that has none."""
-    if init in INIT_FROM_WEIGHT:
-        raise SlimtuneError(f"init_lora_weights={init!r} is not available for {layer}")
-
-
 def init_lora_(a: Tensor, b: Tensor, init: bool | str, r: int) -> None:
     """Initialise A (r, in) and B (out, r) in place as PEFT does for Linear layers."""
     if init is False:  # nn.Linear's default for both: a random, non-zero adapter
@@ -149,6 +143,7 @@ class LoraLayer(nn.Module):
     """State shared by the LoRA layers: ranks, scalings, active/merged adapters."""
 
     adapter_params: tuple[str, ...] = ("lora_A", "lora_B")
+    no_dense_weight: str | None = None  # names a layer kind PiSSA/LoftQ cannot factor
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__()
@@ -164,6 +159,28 @@ class LoraLayer(nn.Module):
         self.pissa_init: dict[
             str, tuple[Tensor, Tensor]
         ] = {}  # PiSSA's A0, B0 (to save as plain LoRA)
+
+    def add_adapter(
+        self,
+        name: str,
+        r: int,
+        alpha: float,
+        *,
+        dropout: float = 0.0,
+        use_rslora: bool = False,
+        init: bool | str = True,
+    ) -> None:
+        """Create adapter `name`: its A and B in float32 on the base weight's device."""
+        if init in INIT_FROM_WEIGHT and self.no_dense_weight is not None:
+            raise SlimtuneError(
+                f"init_lora_weights={init!r} is not available for {self.no_dense_weight}"
+            )
+        self._register(name, r, alpha, dropout, use_rslora)
+        self._new_adapter(name, r, init)
+
+    def _new_adapter(self, name: str, r: int, init: bool | str) -> None:
+        """Make and initialise the A and B of the adapter `name` that _register just recorded."""
+        raise NotImplementedError
 
     def _register(self, name: str, r: int, alpha: float, dropout: float, use_rslora: bool) -> None:
         if name in self.r:
@@ -267,21 +284,15 @@ class LoraLinear(LoraLayer):
         self.lora_A = nn.ModuleDict()
         self.lora_B = nn.ModuleDict()
 
-    def add_adapter(
-        self,
-        name: str,
-        r: int,
-        alpha: float,
-        *,
-        dropout: float = 0.0,
-        use_rslora: bool = False,
-        init: bool | str = True,
-    ) -> None:
-        """Create adapter `name`: A (r, in), B (out, r) in float32 on the base weight's device."""
-        self._register(name, r, alpha, dropout, use_rslora)
+    def _adapter_rows(self, r: int) -> tuple[int, int]:
+        """The rows of A and of B: A (r, in), B (out, r)."""
+        return r, self.out_features
+
+    def _new_adapter(self, name: str, r: int, init: bool | str) -> None:
+        a_rows, b_rows = self._adapter_rows(r)
         device = layer_device(self.base_layer)
-        self.lora_A[name] = nn.Linear(self.in_features, r, bias=False, device=device)
-        self.lora_B[name] = nn.Linear(r, self.out_features, bias=False, device=device)
+        self.lora_A[name] = nn.Linear(self.in_features, a_rows, bias=False, device=device)
+        self.lora_B[name] = nn.Linear(r, b_rows, bias=False, device=device)
         a, b = self.lora_A[name].weight, self.lora_B[name].weight
         with torch.no_grad():
             if init in INIT_FROM_WEIGHT:
@@ -304,8 +315,12 @@ class LoraLinear(LoraLayer):
         residual = residual.T if self.fan_in_fan_out else residual
         weight.data = residual.to(weight.dtype).contiguous()
 
+    def full_b(self, name: str) -> Tensor:
+        """B (out, r) as the whole output sees it (the fused layer's is block-diagonal)."""
+        return self.lora_B[name].weight
+
     def delta_weight(self, name: str) -> Tensor:
-        return lora_delta(self.lora_A[name].weight, self.lora_B[name].weight, self.scaling[name])
+        return lora_delta(self.lora_A[name].weight, self.full_b(name), self.scaling[name])
 
     def fused_forward(self, x: Tensor, unread: bool = False) -> Tensor | None:
         """The fused CUDA path (kernels/lora.py) where it applies, else None."""
@@ -322,7 +337,7 @@ class LoraLinear(LoraLayer):
         for name in self.active_adapters:
             h = self.lora_dropout[name](x) if name in self.lora_dropout else x
             result = _add_lora(
-                result, h, self.lora_A[name].weight, self.lora_B[name].weight, self.scaling[name]
+                result, h, self.lora_A[name].weight, self.full_b(name), self.scaling[name]
             )
         return result
 
@@ -341,6 +356,8 @@ class LoraFusedLinear(LoraLinear):
     sizes, r) (their B_j stacked); slice j's update is scaling · B_j A_j x.
     """
 
+    no_dense_weight = "a fused layer with enable_lora"
+
     def __init__(
         self, base_layer: nn.Module, enable_lora: list[bool], sizes: list[int] | None = None
     ) -> None:
@@ -354,25 +371,10 @@ class LoraFusedLinear(LoraLinear):
             sizes = [self.out_features // k] * k
         self.enable_lora, self.sizes = list(enable_lora), list(sizes)
 
-    def add_adapter(
-        self,
-        name: str,
-        r: int,
-        alpha: float,
-        *,
-        dropout: float = 0.0,
-        use_rslora: bool = False,
-        init: bool | str = True,
-    ) -> None:
-        refuse_init_from_weight(init, "a fused layer with enable_lora")
-        self._register(name, r, alpha, dropout, use_rslora)
-        n = sum(self.enable_lora)
+    def _adapter_rows(self, r: int) -> tuple[int, int]:
+        """A (n·r, in) for the n enabled slices, B (Σ enabled sizes, r)."""
         enabled_out = sum(s for s, e in zip(self.sizes, self.enable_lora, strict=True) if e)
-        device = layer_device(self.base_layer)
-        self.lora_A[name] = nn.Linear(self.in_features, n * r, bias=False, device=device)
-        self.lora_B[name] = nn.Linear(r, enabled_out, bias=False, device=device)
-        with torch.no_grad():
-            init_lora_(self.lora_A[name].weight, self.lora_B[name].weight, init, r)
+        return sum(self.enable_lora) * r, enabled_out
 
     def full_b(self, name: str) -> Tensor:
         """(out, n·r) block-diagonal B with zero rows for the disabled slices."""
@@ -380,25 +382,12 @@ class LoraFusedLinear(LoraLinear):
             self.lora_B[name].weight, self.enable_lora, self.sizes, self.r[name]
         )
 
-    def delta_weight(self, name: str) -> Tensor:
-        return lora_delta(self.lora_A[name].weight, self.full_b(name), self.scaling[name])
-
-    def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
-        result = self.base_layer(x, *args, **kwargs)  # (..., out)
-        if self.disabled or self.merged_adapters:
-            return result
-        for name in self.active_adapters:
-            h = self.lora_dropout[name](x) if name in self.lora_dropout else x
-            result = _add_lora(
-                result, h, self.lora_A[name].weight, self.full_b(name), self.scaling[name]
-            )
-        return result
-
 
 class LoraEmbedding(LoraLayer):
     """h = E0[x] + scaling · (Aᵀ[x]) Bᵀ, with A (r, vocab) and B (dim, r) as PEFT stores them."""
 
     adapter_params = ("lora_embedding_A", "lora_embedding_B")
+    no_dense_weight = "an Embedding layer"
 
     def __init__(self, base_layer: nn.Embedding) -> None:
         super().__init__(base_layer)
@@ -406,18 +395,7 @@ class LoraEmbedding(LoraLayer):
         self.lora_embedding_A = nn.ParameterDict()
         self.lora_embedding_B = nn.ParameterDict()
 
-    def add_adapter(
-        self,
-        name: str,
-        r: int,
-        alpha: float,
-        *,
-        dropout: float = 0.0,
-        use_rslora: bool = False,
-        init: bool | str = True,
-    ) -> None:
-        refuse_init_from_weight(init, "an Embedding layer")
-        self._register(name, r, alpha, dropout, use_rslora)
+    def _new_adapter(self, name: str, r: int, init: bool | str) -> None:
         device = self.base_layer.weight.device
         a = torch.randn(r, self.in_features, device=device)  # (r, vocab)
         b = torch.randn(self.out_features, r, device=device)  # (dim, r)
