@@ -137,3 +137,14 @@ def test_a_whole_llama_gives_the_same_logits_and_gradients_linked_or_not(tiny_ll
     torch.testing.assert_close(linked_logits, logits, rtol=1e-5, atol=1e-6)
     for name, grad in grads.items():
         torch.testing.assert_close(linked_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_only_plain_lora_layers_are_linked(tiny_llama):
+    """DoRA computes more than x W0ᵀ + s (x Aᵀ) Bᵀ: its layers never join a sibling group."""
+    model, _ = tiny_llama
+    dora = st.add_adapter(
+        model, st.LoraConfig(r=2, use_dora=True, target_modules=["q_proj", "k_proj", "v_proj"])
+    )
+    attention = dora.model.layers[0].self_attn
+    assert not link_siblings([attention.q_proj, attention.k_proj, attention.v_proj])
+    assert not hasattr(attention.q_proj, "lora_siblings")

@@ -218,7 +218,7 @@ def unread_projection(layer: torch.nn.Module, x: Tensor) -> Tensor | None:
     weight's dequantization) is skipped there, while x Aᵀ, which backward needs, is computed.
     None where the layer is neither a fused LoRA layer nor a frozen Linear / 4-bit layer.
     """
-    if hasattr(layer, "fused_forward"):  # a LoRA layer (methods/lora/layers.py)
+    if hasattr(layer, "fused_forward"):  # a LoRA layer (methods/lora/layers.py): fused or not
         return layer.fused_forward(x, unread=True)
     weight = frozen_weight(layer)
     if weight is None or not use_fast(x):

@@ -133,7 +133,7 @@ class _FusedLoraGroup(torch.autograd.Function):
 def link_siblings(members: list[torch.nn.Module]) -> bool:
     """Let LoRA layers that read the same input compute together; False if fewer than two
     are LoRA layers (kernels/lora.py `try_lora_forward` consults the link)."""
-    members = [m for m in members if hasattr(m, "fused_forward")]
+    members = [m for m in members if hasattr(m, "fuses") and m.fuses()]
     if len(members) < 2:
         return False
     group = Siblings(members)

@@ -322,9 +322,14 @@ class LoraLinear(LoraLayer):
     def delta_weight(self, name: str) -> Tensor:
         return lora_delta(self.lora_A[name].weight, self.full_b(name), self.scaling[name])
 
+    def fuses(self) -> bool:
+        """Whether the fused CUDA path (kernels/) computes this layer: plain LoRA only (DoRA
+        and the fused-QKV layer compute more than x W0ᵀ + s (x Aᵀ) Bᵀ)."""
+        return type(self) is LoraLinear
+
     def fused_forward(self, x: Tensor, unread: bool = False) -> Tensor | None:
         """The fused CUDA path (kernels/lora.py) where it applies, else None."""
-        return try_lora_forward(self, x, unread) if type(self) is LoraLinear else None
+        return try_lora_forward(self, x, unread) if self.fuses() else None
 
     def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
         if not args and not kwargs:
