@@ -118,3 +118,41 @@ def test_generate_streams_the_chat_answer_of_transformers(tiny_llama, tiny_llama
         == 0
     )
     assert capsys.readouterr().out == expected + ("" if expected.endswith("\n") else "\n")
+
+
+def test_a_qlora_adapter_loads_on_a_base_quantized_as_it_arrives(
+    tiny_llama_dir, tmp_path, monkeypatch
+):
+    """eval/generate/the web app load a QLoRA adapter's base NF4-on-arrival (no full-precision
+    model first), with the settings its file records (block size 32 here), and compute what
+    the model it trained as computes: from_pretrained, quantize_model, the adapter."""
+    from transformers import AutoModelForCausalLM
+
+    import slimtune as st
+    from slimtune.evaluate import load_for_inference
+    from slimtune.quant import linear
+
+    trained = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32)
+    st.quantize_model(trained, "nf4", blocksize=32)
+    st.add_adapter(
+        trained, st.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "down_proj"])
+    )
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, p in trained.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.1)
+    st.save_adapter(trained, tmp_path / "adapter", metadata=linear.quant_metadata(trained))
+
+    def whole_model_quantization(*args, **kwargs):
+        raise AssertionError("the whole model was loaded in full precision, then quantized")
+
+    monkeypatch.setattr(linear, "quantize_model", whole_model_quantization)
+    model, _ = load_for_inference(str(tiny_llama_dir), str(tmp_path / "adapter"))
+    layer = model.get_submodule("model.layers.0.mlp.down_proj.base_layer")
+    want = trained.get_submodule("model.layers.0.mlp.down_proj.base_layer")
+    assert layer.quant_state.blocksize == 32
+    assert torch.equal(layer.codes, want.codes) and torch.equal(layer.absmax, want.absmax)
+    ids = torch.randint(0, 90, (2, 9), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).logits, trained.eval()(input_ids=ids).logits)

@@ -268,19 +268,18 @@ def load_for_inference(
         raise SlimtuneError(f"--adapter {adapter} is not a directory (give RUN/adapter)")
     record = inference_quantization(quantize, trained_quantization(adapter), force)
     placement = inference_placement((record or {}).get("dtype"))  # a GPU when there is one
+    if record:  # quantized as each weight arrives: no full-precision copy, on the GPU either
+        options = {k: record[k] for k in ("blocksize", "double_quant", "threshold", "skip")
+                   if k in record}  # fmt: skip
+        placement = {**placement, "quantize": record["quant"], "quant_options": options}
     model, tokenizer = load_model(model_spec, **placement)
-    if record:
-        from slimtune.quant.linear import quantize_model
-
-        settings = {k: record[k] for k in ("blocksize", "double_quant", "threshold") if k in record}
-        quantize_model(model, record["quant"], skip=record.get("skip", ["lm_head"]), **settings)
     if adapter is not None:
         from slimtune.adapter_dir import load_adapter
         from slimtune.training.templates import adapter_chat_template
 
         model = load_adapter(model, adapter)
         adapter_chat_template(tokenizer, adapter)  # trained with --chat-template
-    if placement:
+    if "device" in placement:
         ready_for_gpu_inference(model, placement["dtype"])
     model.eval()
     return model, tokenizer

@@ -165,6 +165,7 @@ def load_model(
     device: str | torch.device | None = None,
     auto_class: str = "AutoModelForCausalLM",
     quantize: str | None = None,
+    quant_options: dict | None = None,
 ):
     """Load (model, tokenizer) from a directory, a .gguf file or a built-in name.
 
@@ -179,6 +180,8 @@ def load_model(
         auto_class: the transformers Auto class to load with.
         quantize: "nf4", "fp4" or "int8": quantize every linear layer but the output layer
             as it arrives (byte-identical to `quantize_model` on the loaded model).
+        quant_options: blocksize, double_quant, threshold or skip, where they differ from
+            the defaults (a QLoRA adapter's recorded settings).
 
     Returns:
         The model in eval mode and its tokenizer (with a pad token).
@@ -187,10 +190,11 @@ def load_model(
 
     directory = model_directory(spec)
     device = torch.device(device) if device is not None else None
+    options = {**QUANT_DEFAULTS, **(quant_options or {})}
     try:
         model = None
         if (device is not None and device.type != "cpu") or quantize or is_bnb_4bit(directory):
-            quant = {**QUANT_DEFAULTS, "quant": quantize} if quantize else None
+            quant = {**options, "quant": quantize} if quantize else None
             model = streamed_model(
                 directory, dtype, device or torch.device("cpu"), quant, auto_class
             )
@@ -201,7 +205,7 @@ def load_model(
             if quantize:
                 from slimtune.quant.linear import quantize_model
 
-                quantize_model(model, quantize, skip=QUANT_DEFAULTS["skip"])
+                quantize_model(model, quantize, **options)
     except (
         OSError,
         ValueError,
