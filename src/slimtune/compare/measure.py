@@ -7,7 +7,6 @@ fastest round and the spread over rounds.
 
 from __future__ import annotations
 
-import gc
 import os
 import threading
 import time
@@ -102,19 +101,6 @@ def interleaved_train_speed(models: dict[str, Any], batch: dict, rounds: int = 3
     for model in models.values():
         model.eval()
     return {name: tokens / min(values) for name, values in times.items()}
-
-
-def release_freed_memory() -> None:
-    """Hand freed heap memory back to the OS (glibc), so that resident memory measured
-    during training does not count weights dropped before it (e.g. the fp32 copy that
-    QLoRA quantized away)."""
-    gc.collect()
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
 
 
 def dir_bytes(path: Path) -> int:

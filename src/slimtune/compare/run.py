@@ -20,6 +20,7 @@ allocated by PyTorch.
 from __future__ import annotations
 
 import dataclasses
+import gc
 import json
 import os
 import random
@@ -39,7 +40,6 @@ from slimtune.compare.measure import (
     hardware,
     interleaved_latency,
     interleaved_train_speed,
-    release_freed_memory,
 )
 from slimtune.compare.settings import (
     MERGEABLE,
@@ -51,6 +51,7 @@ from slimtune.compare.settings import (
     seed_jobs,
 )
 from slimtune.errors import SlimtuneError
+from slimtune.weights import release_freed_memory
 
 # ----------------------------------------------------------------------------- one run
 
@@ -83,7 +84,8 @@ def _train(model, tokenizer, job: dict, settings: CompareSettings, out: Path) ->
         options["target_modules"] = "all-linear"
         options["alpha"] = 2 * job["rank"]  # scaling 2 at every rank of the sweep
     model, save_fn = prepare_method(model, method, options)
-    release_freed_memory()
+    gc.collect()  # what preparing dropped (e.g. the weights QLoRA quantized away) leaves the
+    release_freed_memory()  # process, so that the peak below counts training alone
     validate = settings.val_data is not None
     config = TrainConfig(
         max_steps=settings.max_steps, batch_size=settings.batch_size,

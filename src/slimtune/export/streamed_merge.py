@@ -24,8 +24,6 @@ directories and checkpoints whose tensor names transformers converts.
 
 from __future__ import annotations
 
-import ctypes
-import functools
 import inspect
 import json
 from collections.abc import Callable, Iterator
@@ -36,6 +34,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
+
+from slimtune.weights import release_freed_memory
 
 AUTO_CLASSES = {
     None: "AutoModelForCausalLM",
@@ -55,23 +55,6 @@ def stored_dtype(directory: Path) -> torch.dtype:
     config = json.loads((directory / "config.json").read_text())
     name = config.get("dtype") or config.get("torch_dtype") or "float32"
     return getattr(torch, name) if name in ("float32", "float16", "bfloat16") else torch.float32
-
-
-@functools.cache
-def _malloc_trim() -> Callable[[int], int] | None:
-    try:
-        return ctypes.CDLL("libc.so.6").malloc_trim
-    except (OSError, AttributeError):
-        return None  # not glibc: its allocator returns memory in its own way
-
-
-def release_freed_memory() -> None:
-    """Hand freed heap memory back to the OS. glibc keeps freed blocks below its (adaptive)
-    mmap threshold, and the float32 copies of one layer after another then add up in the
-    process's resident memory (a 1B merge: 0.48 GiB peak with this, 1.19 GiB without)."""
-    trim = _malloc_trim()
-    if trim is not None:
-        trim(0)
 
 
 def merge_device() -> torch.device:

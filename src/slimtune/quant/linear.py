@@ -34,6 +34,8 @@ from slimtune.quant import QuantState, QuantState4bit, QuantStateInt8, check_qua
 
 STORAGE_DTYPE = torch.bfloat16  # what stored tensors become for sharding: bytes, never cast
 ATTRIBUTE = "slimtune_quantization"  # where quantize_model records what it did on the model
+# quantize_model's settings when nothing else is said (a record may leave any of them out)
+QUANT_DEFAULTS = {"blocksize": 64, "double_quant": True, "threshold": 6.0, "skip": ["lm_head"]}
 ADAPTER_PARTS = re.compile(r"(^|\.)(lora_[A-Za-z_]+|adapter_[A-Za-z_]+|modules_to_save)(\.|$)")
 
 
@@ -293,16 +295,20 @@ def quantization_record(metadata: dict[str, str]) -> dict | None:
     return _record_from_metadata(metadata)
 
 
+def quantization_settings(record: dict) -> dict:
+    """blocksize, double_quant, threshold and skip of a quantization record, the defaults
+    filled in: the keywords quantize_model takes to quantize as the record says."""
+    return {**QUANT_DEFAULTS, **{k: record[k] for k in QUANT_DEFAULTS if k in record}}
+
+
 def requantized_weight(weight: Tensor, record: dict) -> Tensor:
     """dequantize(quantize(W0)) in float32 for one linear weight, as `trained_base` computes
     it for every layer (same settings, same weight dtype); `record` is quantization_record's."""
+    s = quantization_settings(record)
     state = quantize(
         weight.to(getattr(torch, record.get("dtype", "float32"))),
-        record["quant"],
-        record.get("blocksize", 64),
-        record.get("double_quant", True),
-        record.get("threshold", 6.0),
-    )
+        record["quant"], s["blocksize"], s["double_quant"], s["threshold"],
+    )  # fmt: skip
     return _dequantize(state, torch.float32)
 
 
@@ -330,19 +336,12 @@ def trained_base(model: nn.Module, metadata: dict[str, str]) -> nn.Module:
     record = _record_from_metadata(metadata)
     if record is None:
         return model
-    skip = record.get("skip", ["lm_head"])
+    settings = quantization_settings(record)
     dtype = getattr(torch, record.get("dtype", "float32"))
     for name, module in model.named_modules():
-        if type(module) is nn.Linear and not _skipped(name, skip):
+        if type(module) is nn.Linear and not _skipped(name, settings["skip"]):
             module.weight.data = module.weight.data.to(dtype)
-    quantize_model(
-        model,
-        record["quant"],
-        skip=skip,
-        blocksize=record.get("blocksize", 64),
-        double_quant=record.get("double_quant", True),
-        threshold=record.get("threshold", 6.0),
-    )
+    quantize_model(model, record["quant"], **settings)
     return dequantize_model(model, torch.float32)
 
 
