@@ -58,9 +58,12 @@ def _flatten(parts: list[tuple]) -> list:
     return [*a, *b, *biases, *(_weight_fn(w) for w in weights), *scales]
 
 
-def _column_scales(ranks: list[int], scales, like: Tensor) -> Tensor:
-    """(n·r,): s_i repeated r_i times, to scale the columns of an (T, n·r) product."""
-    return torch.cat([like.new_full((r,), s) for r, s in zip(ranks, scales, strict=True)])
+def _scale_columns(t: Tensor, ranks: list[int], scales) -> Tensor:
+    """t (T, n·r) with sibling i's r_i columns times s_i, in place; no kernel when every s_i
+    is 1 (as kernels/lora.py `_scaled` for one projection)."""
+    if all(s == 1 for s in scales):
+        return t
+    return t.mul_(torch.cat([t.new_full((r,), s) for r, s in zip(ranks, scales, strict=True)]))
 
 
 class _FusedLoraGroup(torch.autograd.Function):
@@ -74,7 +77,7 @@ class _FusedLoraGroup(torch.autograd.Function):
             x2 = xc.reshape(-1, x.shape[-1])  # (T, in)
             a_cat = torch.cat([t.to(dtype) for t in a])  # (n·r, in)
             ranks = [t.shape[0] for t in a]
-            xs = torch.mm(x2, a_cat.t()).mul_(_column_scales(ranks, scales, a_cat))  # s_i x A_iᵀ
+            xs = _scale_columns(torch.mm(x2, a_cat.t()), ranks, scales)  # s_i x A_iᵀ
             b_ = [t.to(dtype) for t in b]
             ys = []
             for xs_i, b_i, bias, weight_fn in zip(
@@ -106,7 +109,7 @@ class _FusedLoraGroup(torch.autograd.Function):
             ]
             gs = [g.to(dtype) for g in gs]
             gbs = torch.cat([torch.mm(g, b) for g, b in zip(gs, b_, strict=True)], 1)  # (T, n·r)
-            gbs.mul_(_column_scales(ctx.ranks, ctx.scales, gbs))
+            _scale_columns(gbs, ctx.ranks, ctx.scales)
             dx = None
             if ctx.needs_input_grad[0]:
                 dx = torch.mm(gbs, a_cat)  # (T, in)
