@@ -8,6 +8,8 @@ moved into it one tensor at a time, on the training device, in the compute dtype
 At most one full-precision tensor exists at a time (the host's own memory stays at about the
 largest tensor); a bitsandbytes 4-bit directory's codes go to the device unchanged.
 `slimtune.models.load_model` uses it on a GPU, for QLoRA and for bitsandbytes directories.
+`release_freed_memory` hands the heap that streamed tensors leave behind back to the OS
+(the streamed merge and compare's memory figures call it).
 """
 
 from __future__ import annotations
