@@ -123,3 +123,129 @@ def test_nothing_to_train_is_refused(tiny_llama, arithmetic_file, tmp_path):
     with pytest.raises(SlimtuneError, match="no parameter that requires grad"):
         train(model, tokenizer, arithmetic_file, TrainConfig(), tmp_path / "run", quiet=True)
     assert not (tmp_path / "run").exists()
+
+
+def test_rows_gathered_by_a_host_index_equal_the_boolean_selection():
+    from slimtune.training.loss import rows_by_host_index
+
+    torch.manual_seed(0)
+    base = torch.randn(3, 9, 5, dtype=torch.float64)  # two virtual tokens, then 7 positions
+    labels = torch.randint(0, 50, (3, 7))
+    labels[0, :4] = labels[2, 5:] = -100
+    keep = labels[:, 1:] != -100
+    outputs = []
+    for select in (lambda h: (h[:, :-1][keep], labels[:, 1:][keep]), rows_by_host_index):
+        hidden = base.clone().requires_grad_(True)
+        args = (labels, keep) if select is rows_by_host_index else ()
+        rows, targets = select(hidden[:, 2:], *args)
+        (rows * torch.arange(rows.numel(), dtype=rows.dtype).view_as(rows)).sum().backward()
+        outputs.append((rows.detach(), targets, hidden.grad))
+    for ours, reference in zip(outputs[1], outputs[0], strict=True):
+        assert torch.equal(ours, reference)
+
+
+def fused_adamw(params, config):
+    """torch's fused AdamW on the CPU: the loop then reads each step's loss a step late."""
+    return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay, fused=True)
+
+
+def adapter_state(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_steps_read_a_step_late_log_and_train_as_checked_steps(
+    make_tiny_llama_dir, arithmetic_file, tmp_path, monkeypatch
+):
+    from slimtune.training import loop
+
+    monkeypatch.setattr(loop, "make_optimizer", fused_adamw)
+    runs = []
+    for deferred in (True, False):
+        monkeypatch.setattr(loop, "skips_on_device", lambda optimizer, d=deferred: d)
+        model, tokenizer = load_model(make_tiny_llama_dir())
+        torch.manual_seed(0)
+        model = st.add_adapter(model, st.LoraConfig(r=4, target_modules="all-linear"))
+        config = TrainConfig(max_steps=7, batch_size=4, lr=1e-2, save_every=3, log_every=2)
+        out = tmp_path / f"run-{deferred}"
+        summary = train(model, tokenizer, arithmetic_file, config, out, quiet=True)
+        records = [json.loads(x) for x in (out / "metrics.jsonl").open()]
+        keys = ("step", "loss", "lr", "grad_norm", "tokens")
+        runs.append(([{k: r[k] for k in keys} for r in records], adapter_state(model), summary))
+    (late, late_weights, late_summary), (checked, weights, summary) = runs
+    assert [r["step"] for r in checked] == [2, 4, 6, 7]
+    assert late == checked
+    assert late_summary["train_tokens"] == summary["train_tokens"]
+    for name, value in weights.items():
+        assert torch.equal(late_weights[name], value), name
+
+
+def test_a_nan_read_a_step_late_skips_its_update_and_stops(
+    tiny_llama, arithmetic_file, tmp_path, monkeypatch
+):
+    from safetensors.torch import load_file
+
+    from slimtune.training import loop
+
+    monkeypatch.setattr(loop, "make_optimizer", fused_adamw)
+    model, tokenizer = tiny_llama
+    model = st.add_adapter(model, st.LoraConfig(r=2, target_modules=["q_proj"]))
+    calls = []
+
+    def loss_fn(model, batch, chunk):
+        calls.append(1)
+        loss_sum, count = causal_lm_loss(model, batch, chunk)
+        return (loss_sum * float("nan") if len(calls) == 3 else loss_sum), count
+
+    config = TrainConfig(max_steps=6, batch_size=4, save_every=2)
+    with pytest.raises(SlimtuneError, match="step 3: the loss is nan.*step-000002"):
+        train(
+            model, tokenizer, arithmetic_file, config, tmp_path / "run", quiet=True, loss_fn=loss_fn
+        )
+    assert len(calls) == 4  # step 4 ran its forward and backward, not its update
+    saved = load_file(tmp_path / "run/checkpoints/step-000002/trainable.safetensors")
+    for name, value in adapter_state(model).items():
+        assert torch.equal(value, saved[name]), name  # step 3's update was skipped
+    steps = [json.loads(x)["step"] for x in (tmp_path / "run/metrics.jsonl").open()]
+    assert steps == [1, 2]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_a_gpu_step_never_waits_for_the_gpu(make_tiny_llama_dir, tmp_path):
+    """slimtune's code waits for the GPU as often in 4 steps as in 12 (loading, step 1's plan,
+    saving the adapter): no step waits, so the next one is queued while the GPU runs.
+    (transformers' own check for packed rows in create_causal_mask waits once a forward.)"""
+    import traceback
+    import warnings
+
+    directory = make_tiny_llama_dir()
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text("".join(json.dumps({"text": "ab " * 200}) + "\n" for _ in range(64)))
+    waits = {}
+    shown = warnings.showwarning
+
+    def count(message, *args, **kwargs):
+        if "synchroniz" not in str(message):
+            return shown(message, *args, **kwargs)
+        where = [f.filename for f in traceback.extract_stack()]
+        if not any("masking_utils" in f for f in where):
+            waits[steps].append(next(f for f in reversed(where) if "slimtune" in f))
+
+    for steps in (4, 12):
+        waits[steps] = []
+        model, tokenizer = load_model(directory, dtype=torch.bfloat16, device="cuda")
+        model = st.add_adapter(model, st.LoraConfig(r=4, target_modules="all-linear"))
+        config = TrainConfig(
+            max_steps=steps, batch_size=4, max_length=128, save_every=0, log_every=1
+        )
+        with warnings.catch_warnings():
+            warnings.simplefilter("always")
+            warnings.showwarning = count
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                train(model, tokenizer, rows, config, tmp_path / f"r{steps}", quiet=True)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        records = [json.loads(x) for x in (tmp_path / f"r{steps}/metrics.jsonl").open()]
+        assert [r["step"] for r in records] == list(range(1, steps + 1))
+    assert len(waits[12]) == len(waits[4]), waits

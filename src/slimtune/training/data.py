@@ -291,3 +291,25 @@ def batches_from(
         for rows in order[index:]:
             yield collate([data.examples[i] for i in rows], pad_id)
         epoch, index = epoch + 1, 0
+
+
+class DeviceBatch(dict):
+    """A batch's tensors on the training device, with the host tensors they were copied from
+    (`host`): counts and masks are read there, without waiting for the GPU."""
+
+    host: dict[str, torch.Tensor]
+
+
+def send(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """t on `device`; a CPU tensor goes to a GPU from pinned memory without blocking the host
+    (a copy from pageable memory waits for all the work queued before it)."""
+    if device.type != "cuda" or t.device.type != "cpu":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
+
+
+def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> DeviceBatch:
+    """The batch on `device`, keeping its host tensors (`DeviceBatch.host`)."""
+    moved = DeviceBatch({k: send(v, device) for k, v in batch.items()})
+    moved.host = batch
+    return moved

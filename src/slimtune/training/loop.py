@@ -37,7 +37,13 @@ from slimtune.training.checkpoints_sharded import (
     load_checkpoint,
     save_checkpoint,
 )
-from slimtune.training.data import IGNORE_INDEX, Dataset, batches_from, load_dataset
+from slimtune.training.data import (
+    IGNORE_INDEX,
+    Dataset,
+    batches_from,
+    load_dataset,
+    to_device,
+)
 from slimtune.training.loraplus import param_groups
 from slimtune.training.memory import MemoryPlan, plan_memory
 from slimtune.training.neftune import neftune
@@ -127,13 +133,18 @@ def label_count(batch: dict[str, torch.Tensor]) -> int:
 
 def train_step(model, micro_batches, config, device, autocast, loss_fn) -> tuple:
     """Forward and backward over the micro-batches of one step; (loss, label tokens, tokens,
-    metrics). A preference loss averages over pairs (its `count`) and returns metric sums."""
+    metrics). A preference loss averages over pairs (its `count`) and returns metric sums.
+
+    The loss comes back as a tensor on the device: nothing here waits for the GPU (counts
+    are read from the host batches), so the next step can be queued while this one runs.
+    """
     count = getattr(loss_fn, "count", label_count)
     n_labels = max(1, int(distributed.all_sum(sum(count(b) for b in micro_batches))))
     total, tokens, sums = 0.0, 0, {}
     for i, batch in enumerate(micro_batches):
         distributed.sync_gradients(model, i == len(micro_batches) - 1)
-        batch = {k: v.to(device) for k, v in batch.items()}
+        tokens += int(batch["attention_mask"].sum())
+        batch = to_device(batch, device)
         ctx = torch.autocast(device.type, dtype=autocast) if autocast else contextlib.nullcontext()
         with ctx:
             loss_sum, _, *extra = loss_fn(model, batch, config.loss_chunk)
@@ -141,10 +152,51 @@ def train_step(model, micro_batches, config, device, autocast, loss_fn) -> tuple
             sums[key] = sums.get(key, 0.0) + value
         if loss_sum.requires_grad:
             (loss_sum / n_labels).backward()
-        total += float(loss_sum.detach())
-        tokens += int(batch["attention_mask"].sum())
+        total = total + loss_sum.detach().double()  # as the float sum it replaces
     total, tokens = distributed.all_sum(total), int(distributed.all_sum(tokens))
     return total / n_labels, n_labels, tokens, {k: v / n_labels for k, v in sums.items()}
+
+
+def skips_on_device(optimizer: torch.optim.Optimizer) -> bool:
+    """True for torch's fused Adam/AdamW, which skip an update on the GPU when `found_inf`
+    is set: a step's loss can then be checked after the next step is queued (`_Pending`)."""
+    return isinstance(optimizer, torch.optim.Adam | torch.optim.AdamW) and bool(
+        optimizer.defaults.get("fused")
+    )
+
+
+@dataclasses.dataclass
+class _Pending:
+    """A step whose loss and gradient norm are still being computed: they are copied to the
+    host behind the step's work and read (`numbers`) once that copy has landed."""
+
+    step: int
+    lr: float
+    tokens: int  # this step's
+    seen: int  # the run's, up to this step
+    extra: dict[str, float]
+    values: torch.Tensor  # [loss, grad norm]: on the host, valid once `landed` has passed
+    landed: Any = None  # a CUDA event, or None where the values are ready
+
+    @classmethod
+    def of(cls, step, lr, tokens, seen, extra, loss, norm, late: bool) -> _Pending:
+        """`late`: copy the values behind the step's work (one device); else read them now
+        (a sharded run's norm is a DTensor, which `float` gathers)."""
+        if not late:
+            values = torch.tensor([float(loss), float(norm)], dtype=torch.float64)
+            return cls(step, lr, tokens, seen, extra, values)
+        values, landed = torch.stack([loss.double(), norm.double()]), None
+        if values.is_cuda:
+            values = values.to("cpu", non_blocking=True)  # into pinned memory
+            landed = torch.cuda.Event()
+            landed.record()
+        return cls(step, lr, tokens, seen, extra, values, landed)
+
+    def numbers(self) -> tuple[float, float]:
+        if self.landed is not None:
+            self.landed.synchronize()  # this step's work only, not what was queued after it
+        loss, norm = self.values.tolist()
+        return loss, norm
 
 
 def check_finite(loss: float, step: int, out: Path) -> None:
@@ -286,17 +338,29 @@ class _Loop:
     signals: StopRequest | None = None  # stop_signals.py: set by Ctrl-C or SIGTERM
     plan: MemoryPlan | None = None  # training/memory.py; `auto` completes it after step 1
     stop_when: Callable[[dict[str, Any]], bool] | None = None  # early stopping on eval records
+    bar: Any = None  # the progress bar of `steps`
+    window: list = dataclasses.field(default_factory=list)  # [tokens, start] of a log line
+    tokens_per_s: float = 0.0  # over the last log line's window
 
     def steps(self, optimizer, params, state: dict, metrics: MetricsLog) -> dict:
+        """The steps from state["step"] + 1 on.
+
+        With a fused Adam (`skips_on_device`) a step's loss and norm are read once the next
+        step's forward and backward are queued, so the GPU never waits for the host between
+        steps. A non-finite loss sets the optimizer's `found_inf`: its update is skipped on
+        the device, and the loop stops with the usual error before the next update, a
+        checkpoint or an evaluation. Otherwise each step's loss is checked before its update.
+        """
         config, model = self.config, self.model
         pad = self.tokenizer.pad_token_id
         pad = self.tokenizer.eos_token_id if pad is None else pad
         batches = make_batches(self.data, config, pad, state["micro_batches"])
         model.train()
-        bar = progress_bar(config, state["step"], self.quiet or not distributed.is_main())
+        self.bar = progress_bar(config, state["step"], self.quiet or not distributed.is_main())
+        self.window = [0, time.perf_counter()]
+        deferred = skips_on_device(optimizer) and not distributed.is_distributed()
         began, elapsed = time.perf_counter(), state.get("elapsed_s", 0.0)
-        window = [0, time.perf_counter()]  # tokens since the last log line, its start time
-        tokens_per_s = 0.0
+        pending = None
         for step in range(state["step"] + 1, config.max_steps + 1):
             micro = [next(batches) for _ in range(config.grad_accum)]
             lr = config.lr * lr_factor(step - 1, config)
@@ -305,51 +369,70 @@ class _Loop:
             loss, _, tokens, extra = train_step(
                 model, micro, config, self.device, self.autocast, self.loss_fn
             )
-            check_finite(loss, step, self.out)
+            if pending is not None:  # the step before: read while this one runs, and
+                self.report(pending, metrics)  # checked before this one's update
+                pending = None
+            if deferred:  # a non-finite loss: the fused update is skipped on the device
+                optimizer.found_inf = (~torch.isfinite(loss)).float()
+            else:
+                check_finite(float(loss), step, self.out)
             norm = torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm or float("inf"))
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             if self.plan is not None and self.plan.after_step(model) and not self.quiet:
-                bar.write(self.plan.line())
+                self.bar.write(self.plan.line())
             state = {
                 "step": step,
                 "micro_batches": state["micro_batches"]
                 + config.grad_accum * distributed.world_size(),
                 "tokens": state["tokens"] + tokens,
-                "elapsed_s": elapsed + time.perf_counter() - began,
             }
-            window[0] += tokens
-            if step % config.log_every == 0 or step == config.max_steps:
-                tokens_per_s = window[0] / max(time.perf_counter() - window[1], 1e-9)
-                record = {"step": step, "loss": loss, "lr": lr, "tokens_per_s": tokens_per_s,
-                          "memory_mb": peak_memory_mb(self.device)}  # fmt: skip
-                metrics.append(
-                    {**record, **extra, "grad_norm": float(norm), "tokens": state["tokens"]}
-                )
-                window = [0, time.perf_counter()]
-            shown = {"acc": f"{extra['rewards/accuracy']:.2f}"} if extra else {}
-            bar.set_postfix(
-                loss=f"{loss:.4f}", **shown, tok_s=f"{tokens_per_s:,.0f}", refresh=False
+            pending = _Pending.of(
+                step, lr, tokens, state["tokens"], extra, loss, norm, late=deferred
             )
-            bar.update(1)
+            evaluates = bool(config.eval_every) and step % config.eval_every == 0
+            saved = bool(config.save_every) and step % config.save_every == 0
+            signum = signalled(self.signals)  # Ctrl-C / SIGTERM: checkpoint, then stop
+            if not deferred or evaluates or saved or signum is not None or step == config.max_steps:
+                self.report(pending, metrics)  # checked before anything is written
+                pending = None
+            state["elapsed_s"] = elapsed + time.perf_counter() - began
             stop = False
-            if self.eval_data is not None and config.eval_every and step % config.eval_every == 0:
+            if self.eval_data is not None and evaluates:
                 record = {"step": step, **self.evaluate()}
                 metrics.append(record)
                 stop = self.stop_when is not None and self.stop_when(record)
-            saved = bool(config.save_every) and step % config.save_every == 0
             if saved:
                 save_checkpoint(self.out, model, optimizer, state, config.keep_checkpoints)
-            signum = signalled(self.signals)  # Ctrl-C / SIGTERM: checkpoint, then stop
             if signum is not None:
                 if not saved:
                     save_checkpoint(self.out, model, optimizer, state, config.keep_checkpoints)
-                bar.close()
+                self.bar.close()
                 raise Stopped(step, signum)
             if stop:
                 break
-        bar.close()
+        self.bar.close()
         return state
+
+    def report(self, pending: _Pending, metrics: MetricsLog) -> None:
+        """A finished step's numbers: checked, logged every log_every steps, shown."""
+        config = self.config
+        loss, norm = pending.numbers()
+        check_finite(loss, pending.step, self.out)
+        self.window[0] += pending.tokens
+        step, extra = pending.step, pending.extra
+        if step % config.log_every == 0 or step == config.max_steps:
+            self.tokens_per_s = self.window[0] / max(time.perf_counter() - self.window[1], 1e-9)
+            record = {"step": step, "loss": loss, "lr": pending.lr,
+                      "tokens_per_s": self.tokens_per_s,
+                      "memory_mb": peak_memory_mb(self.device)}  # fmt: skip
+            metrics.append({**record, **extra, "grad_norm": norm, "tokens": pending.seen})
+            self.window = [0, time.perf_counter()]
+        shown = {"acc": f"{extra['rewards/accuracy']:.2f}"} if extra else {}
+        self.bar.set_postfix(
+            loss=f"{loss:.4f}", **shown, tok_s=f"{self.tokens_per_s:,.0f}", refresh=False
+        )
+        self.bar.update(1)
 
     def evaluate(self) -> dict[str, float]:
         from slimtune.training.loss import dataset_loss

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from slimtune.kernels.cross_entropy import linear_cross_entropy
-from slimtune.training.data import IGNORE_INDEX, Dataset, Example, collate
+from slimtune.training.data import IGNORE_INDEX, Dataset, Example, collate, send
 
 
 def split_model(model: nn.Module) -> tuple[nn.Module, nn.Linear] | None:
@@ -54,11 +54,11 @@ def causal_lm_loss(
         chunk: positions per output-layer chunk.
     """
     labels = batch["labels"]
-    targets = labels[:, 1:]  # (B, T-1): the token each position predicts
-    keep = targets != IGNORE_INDEX  # (B, T-1)
+    host = getattr(batch, "host", batch)  # the host tensors of a moved batch (data.py)
+    keep = host["labels"][:, 1:] != IGNORE_INDEX  # (B, T-1): positions that predict a label
     count = int(keep.sum())
     mask = batch["attention_mask"]
-    mask = None if bool(mask.all()) else mask  # no padding: the plain causal kernel
+    mask = None if bool(host["attention_mask"].all()) else mask  # no padding: causal kernel
     packed = {"position_ids": batch["position_ids"]} if "position_ids" in batch else {}
     mask = None if packed else mask  # packed rows: position ids mark them (packing.py)
     if count == 0:
@@ -76,9 +76,30 @@ def causal_lm_loss(
     body, head = parts
     hidden = body(input_ids=batch["input_ids"], attention_mask=mask, use_cache=False, **packed)[0]
     hidden = hidden[:, -labels.shape[1] :]  # (B, T, d); a model may put virtual tokens first
-    selected = hidden[:, :-1][keep]  # (N, d)
-    mean = linear_cross_entropy(selected, head.weight, targets[keep], chunk=chunk)
+    selected, targets = kept_rows(hidden, labels, keep)  # (N, d), (N,)
+    mean = linear_cross_entropy(selected, head.weight, targets, chunk=chunk)
     return mean * count, count
+
+
+def kept_rows(hidden: Tensor, labels: Tensor, keep: Tensor) -> tuple[Tensor, Tensor]:
+    """The hidden states (N, d) of the positions `keep` (B, T-1) marks, and the labels
+    (N,) they predict (the next position's), in row-major order.
+
+    With `keep` on the host and `hidden` on a GPU the rows are gathered by an index built on
+    the host: a boolean index on the GPU would wait for the whole forward pass to finish.
+    """
+    if keep.device == hidden.device:
+        return hidden[:, :-1][keep], labels[:, 1:][keep]
+    return rows_by_host_index(hidden, labels, keep)
+
+
+def rows_by_host_index(hidden: Tensor, labels: Tensor, keep: Tensor) -> tuple[Tensor, Tensor]:
+    """`kept_rows` with the positions' index built from `keep` where it lies (the host)."""
+    width = labels.shape[1]
+    rows, cols = keep.nonzero(as_tuple=True)
+    index = send(rows * width + cols, hidden.device)  # rows of the (B·T, d) view
+    flat = hidden.reshape(-1, hidden.shape[-1])
+    return flat.index_select(0, index), labels.reshape(-1).index_select(0, index + 1)
 
 
 @torch.no_grad()
