@@ -28,8 +28,9 @@ from torch import Tensor, nn
 
 from slimtune.kernels.lora import unread_projection
 from slimtune.kernels.lora_group import link_siblings
+from slimtune.kernels.lora_mlp import lora_gated_mlp
 from slimtune.kernels.recompute import recomputing
-from slimtune.quant.triton import _interpreted, kernels_enabled, triton
+from slimtune.quant.triton import kernels_enabled, launch, triton
 
 if triton is not None:
     import triton.language as tl
@@ -150,13 +151,6 @@ if triton is not None:
         tl.store(op + HALF, o2.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def _launch(kernel, t: Tensor, grid: tuple[int, ...], *args, num_warps: int = 4, **consts):
-    """Run the compiled kernel on CUDA tensors, the interpreter's version on CPU ones."""
-    if t.device.type == "cpu":
-        return _interpreted(kernel)[grid](*args, **consts)
-    return kernel[grid](*args, num_warps=num_warps, **consts)
-
-
 _SWIGLU_BLOCK = 1024
 
 
@@ -169,7 +163,7 @@ class _RMSNorm(torch.autograd.Function):
         rstd = torch.empty(rows, dtype=torch.float32, device=x.device)
         block = triton.next_power_of_2(d)
         warps = 8 if block >= 4096 else 4
-        _launch(_rmsnorm_fwd, x, (rows,), x2, weight, y, rstd, d, eps,
+        launch(_rmsnorm_fwd, x, (rows,), x2, weight, y, rstd, d, eps,
                 BLOCK=block, GEMMA=gemma, num_warps=warps)  # fmt: skip
         ctx.save_for_backward(x2, weight, rstd)
         ctx.gemma = gemma
@@ -183,7 +177,7 @@ class _RMSNorm(torch.autograd.Function):
         dx = torch.empty_like(x2)
         block = triton.next_power_of_2(d)
         warps = 8 if block >= 4096 else 4
-        _launch(_rmsnorm_bwd, g, (rows,), g, x2, weight, rstd, dx, d,
+        launch(_rmsnorm_bwd, g, (rows,), g, x2, weight, rstd, dx, d,
                 BLOCK=block, GEMMA=ctx.gemma, num_warps=warps)  # fmt: skip
         return dx.view(grad.shape), None, None, None
 
@@ -197,7 +191,7 @@ class _GatedUnit(torch.autograd.Function):
         h = torch.empty_like(a)
         grid = (triton.cdiv(a.numel(), _SWIGLU_BLOCK),)
         kernel = _geglu_fwd if gelu else _swiglu_fwd
-        _launch(kernel, a, grid, a, b, h, a.numel(), BLOCK=_SWIGLU_BLOCK)
+        launch(kernel, a, grid, a, b, h, a.numel(), BLOCK=_SWIGLU_BLOCK)
         ctx.save_for_backward(a, b)
         ctx.gelu = gelu
         return h
@@ -209,11 +203,11 @@ class _GatedUnit(torch.autograd.Function):
         da, db = torch.empty_like(a), torch.empty_like(b)
         grid = (triton.cdiv(a.numel(), _SWIGLU_BLOCK),)
         kernel = _geglu_bwd if ctx.gelu else _swiglu_bwd
-        _launch(kernel, a, grid, dh, a, b, da, db, a.numel(), BLOCK=_SWIGLU_BLOCK)
+        launch(kernel, a, grid, dh, a, b, da, db, a.numel(), BLOCK=_SWIGLU_BLOCK)
         return da, db, None
 
 
-def _rope_launch(x: Tensor, cos: Tensor, sin: Tensor, backward: bool) -> Tensor:
+def _ropelaunch(x: Tensor, cos: Tensor, sin: Tensor, backward: bool) -> Tensor:
     """The output keeps x's layout: q and k are (B, T, H, D) in memory, seen as (B, H, T, D),
     so neither the forward nor the gradient's way back through the view needs a copy."""
     bsz, heads, seq, dim = x.shape  # (B, H, T, D), last dim contiguous
@@ -223,7 +217,7 @@ def _rope_launch(x: Tensor, cos: Tensor, sin: Tensor, backward: bool) -> Tensor:
     rows = 16
     grid = (bsz * heads, triton.cdiv(seq, rows))
     scb = cos.stride(0) if cos.shape[0] > 1 else 0
-    _launch(
+    launch(
         _rope_kernel, x, grid, x, out, cos, sin, heads, seq,
         x.stride(0), x.stride(1), x.stride(2), out.stride(0), out.stride(1), out.stride(2),
         scb, cos.stride(1), HALF=dim // 2, ROWS=rows, BACKWARD=backward,
@@ -235,13 +229,13 @@ class _RoPE(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q: Tensor, k: Tensor, cos: Tensor, sin: Tensor):
         ctx.save_for_backward(cos, sin)
-        return _rope_launch(q, cos, sin, False), _rope_launch(k, cos, sin, False)
+        return _ropelaunch(q, cos, sin, False), _ropelaunch(k, cos, sin, False)
 
     @staticmethod
     def backward(ctx, gq: Tensor, gk: Tensor):
         cos, sin = ctx.saved_tensors
-        dq = _rope_launch(gq, cos, sin, True)
-        dk = _rope_launch(gk, cos, sin, True)
+        dq = _ropelaunch(gq, cos, sin, True)
+        dk = _ropelaunch(gk, cos, sin, True)
         return dq, dk, None, None
 
 
@@ -319,8 +313,11 @@ def _down(mlp: nn.Module, h: Tensor) -> Tensor:
 
 def _mlp_forward(self, x: Tensor) -> Tensor:
     if kernels_enabled(x):
-        gate = gelu_mul if _gate_kind(self.act_fn) else silu_mul
-        return _down(self, gate(self.gate_proj(x), self.up_proj(x)))
+        gelu = bool(_gate_kind(self.act_fn))
+        h = lora_gated_mlp(self, x, gelu)  # LoRA gate and up: one function with the gate
+        if h is None:
+            h = (gelu_mul if gelu else silu_mul)(self.gate_proj(x), self.up_proj(x))
+        return _down(self, h)
     return type(self).forward(self, x)
 
 

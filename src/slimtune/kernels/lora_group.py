@@ -98,39 +98,53 @@ class _FusedLoraGroup(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *grads):
-        xc, a_cat, xs, *b_ = ctx.saved_tensors
-        x_dtype, a_dtypes, b_dtypes = ctx.dtypes
-        dtype, n = xc.dtype, ctx.n
-        with torch.autocast(xc.device.type, enabled=False):
-            x2 = xc.reshape(-1, xc.shape[-1])
-            gs = [
-                x2.new_zeros(x2.shape[0], b.shape[0]) if g is None else g.reshape(-1, g.shape[-1])
-                for g, b in zip(grads, b_, strict=True)
-            ]
-            gs = [g.to(dtype) for g in gs]
-            gbs = torch.cat([torch.mm(g, b) for g, b in zip(gs, b_, strict=True)], 1)  # (T, n·r)
-            _scale_columns(gbs, ctx.ranks, ctx.scales)
-            dx = None
-            if ctx.needs_input_grad[0]:
-                dx = torch.mm(gbs, a_cat)  # (T, in)
-                for g, weight_fn in zip(gs, ctx.weight_fns, strict=True):
-                    dx.addmm_(g, weight_fn(dtype))  # dequantized again: never saved
-                dx = dx.view(xc.shape).to(x_dtype)
-            das = [None] * n
-            if any(ctx.needs_input_grad[2 : 2 + n]):
-                da = torch.mm(gbs.t(), x2).split(ctx.ranks)  # (r_i, in) each
-                das = [d.to(t) for d, t in zip(da, a_dtypes, strict=True)]
-            dbs = [
-                torch.mm(g.t(), xs_i).to(t) if ctx.needs_input_grad[2 + n + i] else None
-                for i, (g, xs_i, t) in enumerate(
-                    zip(gs, xs.split(ctx.ranks, 1), b_dtypes, strict=True)
-                )
-            ]
-            dbias = [
-                g.sum(0).to(t) if t is not None and ctx.needs_input_grad[2 + 2 * n + i] else None
-                for i, (g, t) in enumerate(zip(gs, ctx.bias_dtypes, strict=True))
-            ]
+        n, needs = ctx.n, ctx.needs_input_grad
+        wanted = (
+            needs[0],
+            needs[2 : 2 + n],
+            needs[2 + n : 2 + 2 * n],
+            needs[2 + 2 * n : 2 + 3 * n],
+        )
+        dx, das, dbs, dbias = group_backward(ctx, ctx.saved_tensors, grads, wanted)
         return (dx, None, *das, *dbs, *dbias, *([None] * (2 * n)))
+
+
+def group_backward(ctx, saved, grads, wanted) -> tuple:
+    """(dx, [dA_i], [dB_i], [dbias_i]) of siblings from their outputs' gradients (module
+    docstring). `saved` = (x, A_cat, xs, B_i…); ctx holds n, ranks, scales, weight_fns,
+    dtypes, bias_dtypes; `wanted` = (dx?, [dA_i?], [dB_i?], [dbias_i?])."""
+    xc, a_cat, xs, *b_ = saved
+    x_dtype, a_dtypes, b_dtypes = ctx.dtypes
+    dtype, n = xc.dtype, ctx.n
+    want_dx, want_a, want_b, want_bias = wanted
+    with torch.autocast(xc.device.type, enabled=False):
+        x2 = xc.reshape(-1, xc.shape[-1])
+        gs = [
+            x2.new_zeros(x2.shape[0], b.shape[0]) if g is None else g.reshape(-1, g.shape[-1])
+            for g, b in zip(grads, b_, strict=True)
+        ]
+        gs = [g.to(dtype) for g in gs]
+        gbs = torch.cat([torch.mm(g, b) for g, b in zip(gs, b_, strict=True)], 1)  # (T, n·r)
+        _scale_columns(gbs, ctx.ranks, ctx.scales)
+        dx = None
+        if want_dx:
+            dx = torch.mm(gbs, a_cat)  # (T, in)
+            for g, weight_fn in zip(gs, ctx.weight_fns, strict=True):
+                dx.addmm_(g, weight_fn(dtype))  # dequantized again: never saved
+            dx = dx.view(xc.shape).to(x_dtype)
+        das = [None] * n
+        if any(want_a):
+            da = torch.mm(gbs.t(), x2).split(ctx.ranks)  # (r_i, in) each
+            das = [d.to(t) for d, t in zip(da, a_dtypes, strict=True)]
+        dbs = [
+            torch.mm(g.t(), xs_i).to(t) if want else None
+            for g, xs_i, t, want in zip(gs, xs.split(ctx.ranks, 1), b_dtypes, want_b, strict=True)
+        ]
+        dbias = [
+            g.sum(0).to(t) if t is not None and want else None
+            for g, t, want in zip(gs, ctx.bias_dtypes, want_bias, strict=True)
+        ]
+    return dx, das, dbs, dbias
 
 
 def link_siblings(members: list[torch.nn.Module]) -> bool:

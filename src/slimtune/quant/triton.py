@@ -132,6 +132,13 @@ def _interpreted(kernel):
     return InterpretedFunction(kernel.fn)
 
 
+def launch(kernel, t: Tensor, grid: tuple[int, ...], *args, num_warps: int = 4, **consts):
+    """Run the compiled kernel on CUDA tensors, the interpreter's version on CPU ones."""
+    if t.device.type == "cpu":
+        return _interpreted(kernel)[grid](*args, **consts)
+    return kernel[grid](*args, num_warps=num_warps, **consts)
+
+
 def triton_available() -> bool:
     """True when Triton imports (the kernels can run, on CUDA or in the interpreter)."""
     return triton is not None
