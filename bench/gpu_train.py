@@ -210,10 +210,33 @@ def train(model, loss_fn, batches, lr: float, profile: bool = False, optim: str 
                 sort_by="self_cuda_time_total", row_limit=60, max_name_column_width=90
             )
         )
+        print_idle(p, sum(times[-2:]))
         del losses[-2:], times[-2:]
     n_train = sum(p.numel() for p in params)
     states = state_bytes(opt, "cuda") / 2**30 if cuda else float("nan")
     return dict(losses=losses, times=times, peak_gib=peak, trainable=n_train, state_gib=states)
+
+
+def print_idle(p, wall_s: float) -> None:
+    """How long the GPU ran kernels in the profiled steps against their wall time, and the
+    longest gaps between kernels with the kernels on either side (where the GPU waited)."""
+    spans = sorted(
+        (e.time_range.start, e.time_range.end, e.name)
+        for e in p.events()
+        if e.device_type == torch.autograd.DeviceType.CUDA and e.time_range.end > e.time_range.start
+    )
+    busy, gaps, end, last = 0.0, [], None, ""
+    for start, stop, name in spans:
+        if end is not None and start > end:
+            gaps.append((start - end, last, name))
+        lo = start if end is None else max(start, end)
+        busy += max(0, stop - lo)
+        if end is None or stop > end:
+            end, last = stop, name
+    print(f"profiled wall {wall_s * 1e3:.1f} ms, GPU busy {busy / 1e3:.1f} ms "
+          f"({busy / 1e4 / wall_s:.1f}%), gaps {sum(g[0] for g in gaps) / 1e3:.1f} ms in {len(gaps)}")  # fmt: skip
+    for gap, before, after in sorted(gaps, reverse=True)[:12]:
+        print(f"  gap {gap:8.0f} us after {before[:60]} before {after[:60]}")
 
 
 def flops_per_token(shape: str, seq: int, trainable: int) -> float:

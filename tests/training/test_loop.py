@@ -229,7 +229,7 @@ def test_a_gpu_step_never_waits_for_the_gpu(make_tiny_llama_dir, tmp_path):
             return shown(message, *args, **kwargs)
         where = [f.filename for f in traceback.extract_stack()]
         if not any("masking_utils" in f for f in where):
-            waits[steps].append(next(f for f in reversed(where) if "slimtune" in f))
+            waits[steps].append(next((f for f in reversed(where) if "slimtune" in f), "-"))
 
     for steps in (4, 12):
         waits[steps] = []

@@ -77,23 +77,29 @@ if triton is not None:
             tl.store(h_ptr + offs, (act * b).to(h_ptr.dtype.element_ty), mask=mask)
 
 
-_BT, _BN = 64, 128
+# (forward, backward) tiles: the fastest of bench/lora_mlp_tiles.py's sweep on an H200 (bench/
+# NOTES.md run 26): 209 µs forward and 394 µs backward on an 8B MLP, 3.4 and 3.0 TB/s
+TILES = (
+    {"BT": 32, "BN": 128, "num_warps": 4},
+    {"BT": 32, "BN": 64, "num_warps": 4},
+)
 
 
 def _padded(r: int) -> int:
     return max(16, triton.next_power_of_2(r))
 
 
-def _tiles(yg, yu, xs, bg, bu, gelu: bool, dh=None):
-    """h, or (da, db) when dh is given, over (T, I) tiles."""
+def _tiles(yg, yu, xs, bg, bu, gelu: bool, dh=None, tiles: dict | None = None):
+    """h, or (da, db) when dh is given, over (T, I) tiles (`TILES` unless given)."""
+    tiles = tiles or TILES[dh is not None]
     t, n = yg.shape
     out = [torch.empty_like(yg)] if dh is None else [torch.empty_like(yg), torch.empty_like(yg)]
     h, da, db = (out[0], yg, yg) if dh is None else (yg, *out)
     rg, ru = bg.shape[1], bu.shape[1]
-    grid = (triton.cdiv(t, _BT), triton.cdiv(n, _BN))
+    grid = (triton.cdiv(t, tiles["BT"]), triton.cdiv(n, tiles["BN"]))
     launch(_lora_gated, yg, grid, yg, yu, xs, bg, bu, yg if dh is None else dh, h, da, db,
-           t, n, xs.stride(0), RG=rg, RU=ru, PG=_padded(rg), PU=_padded(ru), BT=_BT, BN=_BN,
-           GELU=gelu, BACKWARD=dh is not None, num_warps=8)  # fmt: skip
+           t, n, xs.stride(0), RG=rg, RU=ru, PG=_padded(rg), PU=_padded(ru),
+           GELU=gelu, BACKWARD=dh is not None, **tiles)  # fmt: skip
     return out[0] if dh is None else out
 
 
