@@ -118,3 +118,49 @@ def test_a_patched_llama_takes_the_gated_path_with_the_same_logits_and_gradients
     torch.testing.assert_close(patched_logits, logits, rtol=1e-4, atol=1e-5)
     for name, grad in grads.items():
         torch.testing.assert_close(patched_grads[name], grad, rtol=1e-3, atol=1e-5, msg=name)
+
+
+def test_a_rebuilt_mlp_output_is_freed_and_gives_the_same_gradients(tiny_llama, monkeypatch):
+    """With `rebuild_gated_outputs` no MLP keeps h through the step (the down projection keeps
+    a recipe), and backward's rebuilt h gives every gradient bit for bit."""
+    import gc
+    import weakref
+
+    model, _ = tiny_llama
+    model = st.add_adapter(model, st.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+    for n, p in model.named_parameters():
+        if "lora_B" in n:
+            torch.nn.init.normal_(p, std=0.2)
+    ids = torch.randint(0, 64, (2, 10), generator=torch.Generator().manual_seed(0))
+    outputs = []
+    original = lora_mlp.lora_gated_mlp
+
+    def gated(*args):
+        h = original(*args)
+        outputs.append(weakref.ref(h))
+        return h
+
+    monkeypatch.setattr(llama_ops, "lora_gated_mlp", gated)
+    monkeypatch.setattr(llama_ops, "kernels_enabled", lambda t: True)  # CPU: the interpreter
+    monkeypatch.setattr(fused, "use_fast", lambda t: True)
+
+    def step():
+        outputs.clear()
+        model.zero_grad(set_to_none=True)
+        loss = model(input_ids=ids, labels=ids).loss
+        gc.collect()
+        alive = sum(ref() is not None for ref in outputs)
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+        return alive, grads
+
+    try:
+        llama_ops.patch_llama(model)
+        kept, grads = step()
+        assert llama_ops.rebuild_gated_outputs(model) == len(model.model.layers)
+        freed, rebuilt_grads = step()
+    finally:
+        llama_ops.unpatch_rope()
+    assert kept == len(model.model.layers) and freed == 0
+    for name, grad in grads.items():
+        assert torch.equal(rebuilt_grads[name], grad), name

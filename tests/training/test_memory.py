@@ -2,6 +2,7 @@
 
 import json
 import random
+import types
 
 import pytest
 import torch
@@ -36,6 +37,34 @@ def test_auto_keeps_as_many_layers_as_the_budget_holds():
     # a batch twice as long as step 1's: activations scale, weights and state do not
     m2 = Measurements(10 * GiB, 20 * GiB, 11 * GiB, probe, 16384)
     assert choose_recomputation(m2, 40 * GiB, 32) == (32 - 4, False, 2 * GiB, 31 * GiB)
+
+
+def test_auto_rebuilds_the_mlp_activation_where_that_recomputes_fewer_layers():
+    # the probe as above; h (8192 tokens x 16384 intermediate, bf16) is 1/4 of what a layer
+    # keeps: kept layers then cost 0.75 GiB, and a 30 GiB budget keeps 12 instead of 9
+    from slimtune.kernels.llama_ops import rebuild_gated_outputs
+    from slimtune.training.memory import MemoryPlan
+
+    probe = [(GiB, 8192)] * 32
+    m = Measurements(10 * GiB, 20 * GiB, 11 * GiB, probe, 8192)
+    h = 2 * 16384  # bytes of h per token
+    assert choose_recomputation(m, 30 * GiB, 32, saved_per_token=h) == (
+        32 - 12, False, 0.75 * GiB, 21 * GiB
+    )  # fmt: skip
+    model = torch.nn.Module()
+    model.config = types.SimpleNamespace(intermediate_size=16384)
+    model.mlps = torch.nn.ModuleList(torch.nn.Module() for _ in range(32))
+    for mlp in model.mlps:
+        mlp.gated = True  # what the gated LoRA path marks (kernels/llama_ops.py)
+    plan = MemoryPlan(torch.device("cuda"), "auto", 32, 32, False, True, 64, "", "adamw", 30.0)
+    assert plan.rebuilt_choice(model, m, choose_recomputation(m, 30 * GiB, 32))[0] == 20
+    assert all(mlp.rebuild_output for mlp in model.mlps)
+    rebuild_gated_outputs(model, False)
+    ample = choose_recomputation(m, 100 * GiB, 32)  # nothing recomputed: h is kept
+    assert plan.rebuilt_choice(model, m, ample) is None
+    assert not any(mlp.rebuild_output for mlp in model.mlps)
+    del model.mlps[0].gated  # an MLP off the gated path: h would stay, the plan would be wrong
+    assert plan.rebuilt_choice(model, m, choose_recomputation(m, 30 * GiB, 32)) is None
 
 
 def test_auto_counts_the_inputs_its_first_step_offloaded():
@@ -158,6 +187,7 @@ def test_auto_plan_keeps_the_peak_within_the_budget_gpu(make_tiny_llama_dir, tmp
     summary = train(model, tok, data, config, tmp_path / "auto", quiet=True)
     plan = summary["memory"]
     assert 0 < plan["recomputed"] < 8 and not plan["offload"], (peaks, plan)
+    assert plan["rebuilt_mlp"], plan  # h is ~1/5 of a layer here: one more layer kept
     assert summary["peak_memory_mb"] / 1024 <= budget * 1.02, (peaks, plan)
 
 

@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from slimtune.kernels.lora import unread_projection
 from slimtune.kernels.lora_group import link_siblings
-from slimtune.kernels.lora_mlp import lora_gated_mlp
+from slimtune.kernels.lora_mlp import lora_gated_mlp, rebuilt_in_backward
 from slimtune.kernels.recompute import recomputing
 from slimtune.quant.triton import kernels_enabled, launch, triton
 
@@ -317,8 +317,26 @@ def _mlp_forward(self, x: Tensor) -> Tensor:
         h = lora_gated_mlp(self, x, gelu)  # LoRA gate and up: one function with the gate
         if h is None:
             h = (gelu_mul if gelu else silu_mul)(self.gate_proj(x), self.up_proj(x))
+        elif h.requires_grad:
+            self.gated = True  # training/memory.py counts these (`rebuild_gated_outputs`)
+            if getattr(self, "rebuild_output", False) and not recomputing():  # (a recomputed
+                # layer frees h with the rest of its activations as soon as it is done)
+                with rebuilt_in_backward(h):  # the down projection keeps a recipe, not h
+                    return _down(self, h)
         return _down(self, h)
     return type(self).forward(self, x)
+
+
+def rebuild_gated_outputs(model: nn.Module, on: bool = True) -> int:
+    """Let (or stop) the MLPs that took the gated LoRA path keep their activation h only as
+    a recipe, rebuilt in backward (kernels/lora_mlp.py `rebuilt_in_backward`); returns how
+    many MLPs that covers."""
+    count = 0
+    for module in model.modules():
+        if getattr(module, "gated", False):
+            module.rebuild_output = on
+            count += 1
+    return count
 
 
 def _fused_gate_up_forward(self, x: Tensor) -> Tensor:

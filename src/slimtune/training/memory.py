@@ -12,7 +12,11 @@ memory). `--checkpointing` chooses:
               peak_all = the step's peak plus the inputs it offloaded, scaled to the
               longest batch (+ optimizer state): "all" without offload,
               a = what one layer keeps for backward at that batch (measured, not guessed);
-              if even peak_all is over the budget, the inputs are offloaded.
+              if even peak_all is over the budget, the inputs are offloaded. When some
+              layers would be recomputed and every MLP takes the gated LoRA kernel, its
+              activation h (tokens × intermediate, bf16) is rebuilt in backward instead of
+              kept (kernels/lora_mlp.py), a − h per kept layer, if that recomputes fewer:
+              one more elementwise pass a layer instead of a whole layer's forward.
               On the CPU: none (as before).
 
     budget = --gpu-memory GiB, default 90% of the GPU memory free when the run starts.
@@ -35,6 +39,7 @@ from slimtune.kernels.recompute import enable_checkpointing, probe_activations
 
 GiB = 2**30
 OPTIM_STATE_BYTES = {"adamw": 8.0, "paged": 0.0, "8bit": 2.1}  # GPU bytes per trained value
+BF16_BYTES = 2  # the activations' dtype on a GPU
 
 
 def kernels_on(device: torch.device) -> bool:
@@ -91,6 +96,7 @@ class MemoryPlan:
     budget_gib: float | None = None
     per_layer_gib: float | None = None  # measured by `auto`
     peak_all_gib: float | None = None  # step 1's peak with every layer recomputed (scaled)
+    rebuilt_mlp: bool = False  # the MLPs' activation is rebuilt in backward, not kept
     pending: bool = False  # `auto` before its first step
     probe: list = dataclasses.field(default_factory=list, repr=False)
     worst_tokens: int = 0  # tokens of the longest micro-batch the data can make
@@ -102,6 +108,7 @@ class MemoryPlan:
             where = f"cuda ({torch.cuda.get_device_name(self.device)})"
         budget = f" (budget {self.budget_gib:.0f} GiB)" if self.budget_gib else ""
         offload = ", inputs offloaded to CPU" if self.offload else ""
+        offload += ", MLP activations rebuilt in backward" if self.rebuilt_mlp else ""
         kernels = "fused kernels on" if self.kernels else "fused kernels off"
         if self.kernels and not self.fused_modules:
             kernels += " (LoRA and loss only: this family's norms and MLP run in plain PyTorch)"
@@ -112,7 +119,7 @@ class MemoryPlan:
 
     def record(self) -> dict:
         keys = ("setting", "layers", "recomputed", "offload", "kernels", "fused_modules", "base",
-                "optim", "budget_gib", "per_layer_gib", "peak_all_gib")  # fmt: skip
+                "optim", "budget_gib", "per_layer_gib", "peak_all_gib", "rebuilt_mlp")  # fmt: skip
         return {"line": self.line(), **{k: getattr(self, k) for k in keys}}
 
     def after_step(self, model: nn.Module) -> bool:
@@ -126,13 +133,30 @@ class MemoryPlan:
         measured = Measurements(
             self.before_bytes, peak, after, self.probe, self.worst_tokens, offloaded=True
         )
-        self.recomputed, self.offload, per_layer, peak_all = choose_recomputation(
-            measured, self.budget_gib * GiB, self.layers
-        )
+        chosen = choose_recomputation(measured, self.budget_gib * GiB, self.layers)
+        rebuilt = self.rebuilt_choice(model, measured, chosen)
+        self.recomputed, self.offload, per_layer, peak_all = rebuilt or chosen
+        self.rebuilt_mlp = rebuilt is not None
         self.per_layer_gib, self.peak_all_gib = per_layer / GiB, peak_all / GiB
         fraction = self.recomputed / self.layers if self.layers else 0.0
         enable_checkpointing(model, offload=self.offload, fraction=fraction)
         return True
+
+    def rebuilt_choice(self, model: nn.Module, measured: Measurements, chosen: tuple):
+        """The plan with every gated MLP's activation rebuilt in backward, where that
+        recomputes fewer layers than `chosen`; else None (and nothing is changed)."""
+        from slimtune.kernels.llama_ops import rebuild_gated_outputs
+
+        intermediate = getattr(getattr(model, "config", None), "intermediate_size", None)
+        if not chosen[0] or not intermediate or rebuild_gated_outputs(model, False) < self.layers:
+            return None
+        budget = self.budget_gib * GiB
+        saved = BF16_BYTES * intermediate  # h, per token of a kept layer
+        other = choose_recomputation(measured, budget, self.layers, saved_per_token=saved)
+        if other[0] >= chosen[0]:
+            return None
+        rebuild_gated_outputs(model, True)
+        return other
 
 
 @dataclasses.dataclass(frozen=True)
@@ -148,15 +172,17 @@ class Measurements:
 
 
 def choose_recomputation(
-    m: Measurements, budget: float, layers: int
+    m: Measurements, budget: float, layers: int, saved_per_token: float = 0.0
 ) -> tuple[int, bool, float, float]:
     """(layers recomputed, offload, bytes a kept layer holds, peak with all recomputed), all
-    scaled from step 1's batch to the largest batch the data can make."""
+    scaled from step 1's batch to the largest batch the data can make; `saved_per_token`:
+    bytes a kept layer no longer holds per token (its MLP activation rebuilt)."""
     tokens = max((t for _, t, *_ in m.probe), default=1)
     scale = max(1.0, m.worst_tokens / max(tokens, 1))
     inputs = sum(entry[2] for entry in m.probe) if m.offloaded else 0
     peak_all = (m.peak - m.before + inputs) * scale + m.after
     per_token = max((used / max(t, 1) for used, t, *_ in m.probe), default=0.0)
+    per_token = max(0.0, per_token - saved_per_token)
     per_layer = per_token * max(m.worst_tokens, tokens)
     keep = layers_to_keep(budget, peak_all, per_layer, layers)
     return layers - keep, peak_all > budget, per_layer, peak_all
