@@ -96,3 +96,24 @@ def trained_qlora(model_dir, quant: str = "nf4", dtype: torch.dtype = torch.floa
             if "lora_B" in name:
                 p.normal_(std=0.05)
     return model.float()
+
+
+def lora_everywhere(model: torch.nn.Module, b_std: float) -> torch.nn.Module:
+    """LoRA r=4 α=8 on every linear layer, with B drawn from N(0, b_std) instead of zeros, so
+    that the adapters change the logits and every gradient (the kernel tests' model)."""
+    import slimtune as st
+
+    model = st.add_adapter(model, st.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+    for name, param in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(param, std=b_std)
+    return model
+
+
+def logits_and_grads(model: torch.nn.Module, ids: torch.Tensor) -> tuple[torch.Tensor, dict]:
+    """One forward and backward of the causal-LM loss: (logits, {trainable name: gradient})."""
+    model.zero_grad(set_to_none=True)
+    out = model(input_ids=ids, labels=ids)
+    out.loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    return out.logits.detach(), grads

@@ -15,6 +15,7 @@ import slimtune as st
 from slimtune.kernels import lora as fused
 from slimtune.kernels.lora_group import Siblings, link_siblings
 from slimtune.quant.nf4 import quantize_4bit_state
+from tiny_models import logits_and_grads, lora_everywhere
 
 
 @pytest.fixture
@@ -111,28 +112,16 @@ def test_a_sibling_called_with_another_input_runs_alone(fused_forced):
 
 
 def test_a_whole_llama_gives_the_same_logits_and_gradients_linked_or_not(tiny_llama, fused_forced):
-    model, _ = tiny_llama
-    model = st.add_adapter(model, st.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
-    for n, p in model.named_parameters():
-        if "lora_B" in n:
-            torch.nn.init.normal_(p, std=0.1)
+    model = lora_everywhere(tiny_llama[0], b_std=0.1)
     ids = torch.randint(0, 64, (2, 10), generator=torch.Generator().manual_seed(0))
-
-    def step():
-        model.zero_grad(set_to_none=True)
-        out = model(input_ids=ids, labels=ids)
-        out.loss.backward()
-        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
-        return out.logits.detach(), grads
-
-    logits, grads = step()
+    logits, grads = logits_and_grads(model, ids)
     attention = model.model.layers[0].self_attn
     for layer in model.model.layers:
         assert link_siblings(
             [layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj]
         )
         assert link_siblings([layer.mlp.gate_proj, layer.mlp.up_proj])
-    linked_logits, linked_grads = step()
+    linked_logits, linked_grads = logits_and_grads(model, ids)
     assert attention.k_proj.lora_siblings.pending is None  # every pending output was taken
     torch.testing.assert_close(linked_logits, logits, rtol=1e-5, atol=1e-6)
     for name, grad in grads.items():

@@ -12,6 +12,7 @@ import slimtune as st
 from slimtune.kernels import llama_ops, lora_mlp
 from slimtune.kernels import lora as fused
 from slimtune.quant.nf4 import quantize_4bit_state
+from tiny_models import logits_and_grads, lora_everywhere
 
 pytest.importorskip("triton")
 
@@ -89,21 +90,9 @@ def test_a_bias_or_a_plain_projection_keeps_the_separate_path(fused_forced):
 def test_a_patched_llama_takes_the_gated_path_with_the_same_logits_and_gradients(
     tiny_llama, monkeypatch
 ):
-    model, _ = tiny_llama
-    model = st.add_adapter(model, st.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
-    for n, p in model.named_parameters():
-        if "lora_B" in n:
-            torch.nn.init.normal_(p, std=0.2)
+    model = lora_everywhere(tiny_llama[0], b_std=0.2)
     ids = torch.randint(0, 64, (2, 10), generator=torch.Generator().manual_seed(0))
-
-    def step():
-        model.zero_grad(set_to_none=True)
-        out = model(input_ids=ids, labels=ids)
-        out.loss.backward()
-        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
-        return out.logits.detach(), grads
-
-    logits, grads = step()
+    logits, grads = logits_and_grads(model, ids)
     calls = []
     original = lora_mlp.lora_gated_mlp
     monkeypatch.setattr(llama_ops, "lora_gated_mlp", lambda *a: calls.append(1) or original(*a))
@@ -111,7 +100,7 @@ def test_a_patched_llama_takes_the_gated_path_with_the_same_logits_and_gradients
     monkeypatch.setattr(fused, "use_fast", lambda t: True)
     try:
         llama_ops.patch_llama(model)
-        patched_logits, patched_grads = step()
+        patched_logits, patched_grads = logits_and_grads(model, ids)
     finally:
         llama_ops.unpatch_rope()
     assert len(calls) == len(model.model.layers)
@@ -126,11 +115,7 @@ def test_a_rebuilt_mlp_output_is_freed_and_gives_the_same_gradients(tiny_llama, 
     import gc
     import weakref
 
-    model, _ = tiny_llama
-    model = st.add_adapter(model, st.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
-    for n, p in model.named_parameters():
-        if "lora_B" in n:
-            torch.nn.init.normal_(p, std=0.2)
+    model = lora_everywhere(tiny_llama[0], b_std=0.2)
     ids = torch.randint(0, 64, (2, 10), generator=torch.Generator().manual_seed(0))
     outputs = []
     original = lora_mlp.lora_gated_mlp

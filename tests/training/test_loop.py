@@ -98,15 +98,22 @@ def test_full_fine_tuning_with_a_save_hook_and_accumulation(tiny_llama, arithmet
     assert summary["train_tokens"] > 0 and summary["final_loss"] < summary["first_loss"]
 
 
-def test_nan_loss_stops_and_keeps_the_last_checkpoint(tiny_llama, arithmetic_file, tmp_path):
-    model, tokenizer = tiny_llama
-    model = st.add_adapter(model, st.LoraConfig(r=2, target_modules=["q_proj"]))
+def nan_at_step(n: int):
+    """The usual loss, NaN at call n; and the list of calls made."""
     calls = []
 
     def loss_fn(model, batch, chunk):
         calls.append(1)
         loss_sum, count = causal_lm_loss(model, batch, chunk)
-        return (loss_sum * float("nan") if len(calls) == 3 else loss_sum), count
+        return (loss_sum * float("nan") if len(calls) == n else loss_sum), count
+
+    return loss_fn, calls
+
+
+def test_nan_loss_stops_and_keeps_the_last_checkpoint(tiny_llama, arithmetic_file, tmp_path):
+    model, tokenizer = tiny_llama
+    model = st.add_adapter(model, st.LoraConfig(r=2, target_modules=["q_proj"]))
+    loss_fn, calls = nan_at_step(3)
 
     config = TrainConfig(max_steps=5, batch_size=4, save_every=2)
     with pytest.raises(SlimtuneError, match="step 3: the loss is nan.*step-000002"):
@@ -189,12 +196,7 @@ def test_a_nan_read_a_step_late_skips_its_update_and_stops(
     monkeypatch.setattr(loop, "make_optimizer", fused_adamw)
     model, tokenizer = tiny_llama
     model = st.add_adapter(model, st.LoraConfig(r=2, target_modules=["q_proj"]))
-    calls = []
-
-    def loss_fn(model, batch, chunk):
-        calls.append(1)
-        loss_sum, count = causal_lm_loss(model, batch, chunk)
-        return (loss_sum * float("nan") if len(calls) == 3 else loss_sum), count
+    loss_fn, calls = nan_at_step(3)
 
     config = TrainConfig(max_steps=6, batch_size=4, save_every=2)
     with pytest.raises(SlimtuneError, match="step 3: the loss is nan.*step-000002"):
