@@ -91,7 +91,10 @@ def init_from_env(device: str | None = None) -> bool:
 
 
 def shutdown() -> None:
+    """Leave the process group once every process is done with it: a rank that tears its
+    connections down while another still uses them can abort that one at exit."""
     if is_distributed():
+        barrier()
         dist.destroy_process_group()
 
 
