@@ -5,7 +5,7 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 TORCH   := torch==2.13.0
 
-.PHONY: install test lint format bench demo compare test-llamacpp test-browser clean
+.PHONY: install test lint format bench demo compare test-llamacpp test-browser screenshots clean
 
 install: $(STAMP)
 
@@ -69,11 +69,15 @@ test-llamacpp: $(STAMP)
 	$(BIN)/python -m pytest -q -ra -m llamacpp tests/export
 
 # the web app in headless Chromium (Debian's package, driven by Playwright; no browser
-# download): trains, chats, exports; screenshots into docs/ui/
+# download): trains, chats, exports; screenshots into the tests' temporary folders
+# (`make screenshots` writes them into docs/ui/ for the README)
 test-browser: $(STAMP)
 	test -x /usr/bin/chromium || { $$( [ "$$(id -u)" = 0 ] || echo sudo ) apt-get update -q && \
 		$$( [ "$$(id -u)" = 0 ] || echo sudo ) apt-get install -y -q chromium; }
-	SLIMTUNE_UI_SCREENSHOTS=docs/ui $(BIN)/python -m pytest -q -ra -m "browser and not slow" tests/ui
+	$(BIN)/python -m pytest -q -ra -m "browser and not slow" tests/ui
+
+screenshots: $(STAMP)
+	SLIMTUNE_UI_SCREENSHOTS=docs/ui $(MAKE) test-browser
 
 # the fuzz tests (tests/fuzz) with 20 times the examples `make test` runs, new ones each time
 .PHONY: fuzz

@@ -4,7 +4,7 @@
 starts a 3-step run and watches the loss curve get its points, chats with the adapter and
 sees the text stream, evaluates it, exports a GGUF (+ Modelfile), tries a path outside the root and
 sees the refusal, and takes a screenshot of each tab (into $SLIMTUNE_UI_SCREENSHOTS,
-`make test-browser` sets docs/ui). Run it with `make test-browser`.
+`make screenshots` sets docs/ui). Run it with `make test-browser`.
 """
 
 from __future__ import annotations
