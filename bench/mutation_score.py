@@ -29,6 +29,8 @@ TARGETS = [
         "tokenize_prompt_completion", "tokenize_messages", "tokenize_text", "collate",
         "truncate_examples", "pack_text_file")),
     "slimtune.training.loss.x_causal_lm_loss__mutmut_*",
+    "slimtune.training.loss.x_kept_rows__mutmut_*",
+    "slimtune.training.loss.x_rows_by_host_index__mutmut_*",
     "slimtune.training.loss.x_dataset_loss__mutmut_*",
     "slimtune.training.loop.x_train_step__mutmut_*",
     "slimtune.training.loop.x_lr_factor__mutmut_*",
