@@ -88,14 +88,17 @@ def test_lora_loss_falls_on_arithmetic(make_tiny_llama_dir, arithmetic_file, tmp
 def test_full_fine_tuning_with_a_save_hook_and_accumulation(tiny_llama, arithmetic_file, tmp_path):
     model, tokenizer = tiny_llama
     model.requires_grad_(True)
-    config = TrainConfig(max_steps=6, batch_size=4, grad_accum=2, lr=3e-3, save_every=3)
+    config = TrainConfig(max_steps=8, batch_size=4, grad_accum=2, lr=3e-3, save_every=3)
     summary = train(
         model, tokenizer, arithmetic_file, config, tmp_path / "run", quiet=True,
         save_fn=lambda m, d: m.save_pretrained(d),
     )  # fmt: skip
     assert (tmp_path / "run/adapter/model.safetensors").is_file()
     assert summary["trainable_params"] == summary["total_params"]
-    assert summary["train_tokens"] > 0 and summary["final_loss"] < summary["first_loss"]
+    assert summary["final_loss"] < summary["first_loss"]
+    # 8 steps of 2 micro-batches of 4 rows: the 64 rows once, every micro-batch counted
+    rows = load_dataset(arithmetic_file, tokenizer, config.max_length).examples
+    assert summary["train_tokens"] == sum(len(r.input_ids) for r in rows)
 
 
 def nan_at_step(n: int):
