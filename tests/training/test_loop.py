@@ -46,7 +46,14 @@ def test_schedule_matches_the_formula(schedule):
     assert got[2:] == pytest.approx(expected)
 
 
-def test_loss_and_gradients_match_transformers(tiny_llama, tmp_path):
+@pytest.mark.parametrize("split", [True, False], ids=["chunked-head", "model-loss"])
+def test_loss_and_gradients_match_transformers(tiny_llama, tmp_path, monkeypatch, split):
+    """Both ways causal_lm_loss runs: the decoder then the chunked output layer, and (for a
+    model it cannot split) the model's own loss times the label count."""
+    from slimtune.training import loss as loss_module
+
+    if not split:
+        monkeypatch.setattr(loss_module, "split_model", lambda model: None)
     model, tokenizer = tiny_llama
     rows = [
         {"prompt": "12+30=", "completion": "42"},
@@ -68,6 +75,15 @@ def test_loss_and_gradients_match_transformers(tiny_llama, tmp_path):
     torch.testing.assert_close(loss_sum / count, reference, rtol=1e-5, atol=1e-6)
     for name, param in model.named_parameters():
         torch.testing.assert_close(ours[name], param.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_a_batch_without_labels_has_no_loss(tiny_llama):
+    model, _ = tiny_llama
+    ids = torch.randint(3, 90, (2, 6), generator=torch.Generator().manual_seed(0))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids),
+             "labels": torch.full_like(ids, -100)}  # fmt: skip
+    loss_sum, count = causal_lm_loss(model, batch)
+    assert count == 0 and loss_sum.shape == () and loss_sum.item() == 0.0
 
 
 def test_lora_loss_falls_on_arithmetic(make_tiny_llama_dir, arithmetic_file, tmp_path):
