@@ -132,8 +132,7 @@ def nan_at_step(n: int):
 def test_nan_loss_stops_and_keeps_the_last_checkpoint(tiny_llama, arithmetic_file, tmp_path):
     model, tokenizer = tiny_llama
     model = st.add_adapter(model, st.LoraConfig(r=2, target_modules=["q_proj"]))
-    loss_fn, calls = nan_at_step(3)
-
+    loss_fn, _ = nan_at_step(3)
     config = TrainConfig(max_steps=5, batch_size=4, save_every=2)
     with pytest.raises(SlimtuneError, match="step 3: the loss is nan.*step-000002"):
         train(
@@ -216,7 +215,6 @@ def test_a_nan_read_a_step_late_skips_its_update_and_stops(
     model, tokenizer = tiny_llama
     model = st.add_adapter(model, st.LoraConfig(r=2, target_modules=["q_proj"]))
     loss_fn, calls = nan_at_step(3)
-
     config = TrainConfig(max_steps=6, batch_size=4, save_every=2)
     with pytest.raises(SlimtuneError, match="step 3: the loss is nan.*step-000002"):
         train(

@@ -207,7 +207,7 @@ class _GatedUnit(torch.autograd.Function):
         return da, db, None
 
 
-def _ropelaunch(x: Tensor, cos: Tensor, sin: Tensor, backward: bool) -> Tensor:
+def _rope_launch(x: Tensor, cos: Tensor, sin: Tensor, backward: bool) -> Tensor:
     """The output keeps x's layout: q and k are (B, T, H, D) in memory, seen as (B, H, T, D),
     so neither the forward nor the gradient's way back through the view needs a copy."""
     bsz, heads, seq, dim = x.shape  # (B, H, T, D), last dim contiguous
@@ -229,13 +229,13 @@ class _RoPE(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q: Tensor, k: Tensor, cos: Tensor, sin: Tensor):
         ctx.save_for_backward(cos, sin)
-        return _ropelaunch(q, cos, sin, False), _ropelaunch(k, cos, sin, False)
+        return _rope_launch(q, cos, sin, False), _rope_launch(k, cos, sin, False)
 
     @staticmethod
     def backward(ctx, gq: Tensor, gk: Tensor):
         cos, sin = ctx.saved_tensors
-        dq = _ropelaunch(gq, cos, sin, True)
-        dk = _ropelaunch(gk, cos, sin, True)
+        dq = _rope_launch(gq, cos, sin, True)
+        dk = _rope_launch(gk, cos, sin, True)
         return dq, dk, None, None
 
 
@@ -318,7 +318,7 @@ def _mlp_forward(self, x: Tensor) -> Tensor:
         if h is None:
             h = (gelu_mul if gelu else silu_mul)(self.gate_proj(x), self.up_proj(x))
         elif h.requires_grad:
-            self.gated = True  # training/memory.py counts these (`rebuild_gated_outputs`)
+            self.gated = True  # training/memory.py counts these (`gated_mlps`)
             if getattr(self, "rebuild_output", False) and not recomputing():  # (a recomputed
                 # layer frees h with the rest of its activations as soon as it is done)
                 with rebuilt_in_backward(h):  # the down projection keeps a recipe, not h
@@ -327,16 +327,19 @@ def _mlp_forward(self, x: Tensor) -> Tensor:
     return type(self).forward(self, x)
 
 
+def gated_mlps(model: nn.Module) -> list[nn.Module]:
+    """The MLPs of `model` that have taken the gated LoRA path (kernels/lora_mlp.py)."""
+    return [m for m in model.modules() if getattr(m, "gated", False)]
+
+
 def rebuild_gated_outputs(model: nn.Module, on: bool = True) -> int:
     """Let (or stop) the MLPs that took the gated LoRA path keep their activation h only as
     a recipe, rebuilt in backward (kernels/lora_mlp.py `rebuilt_in_backward`); returns how
     many MLPs that covers."""
-    count = 0
-    for module in model.modules():
-        if getattr(module, "gated", False):
-            module.rebuild_output = on
-            count += 1
-    return count
+    mlps = gated_mlps(model)
+    for module in mlps:
+        module.rebuild_output = on
+    return len(mlps)
 
 
 def _fused_gate_up_forward(self, x: Tensor) -> Tensor:

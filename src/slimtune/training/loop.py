@@ -390,7 +390,11 @@ class _Loop:
             pending = _Pending.of(
                 step, lr, tokens, state["tokens"], extra, loss, norm, late=deferred
             )
-            evaluates = bool(config.eval_every) and step % config.eval_every == 0
+            evaluates = (
+                self.eval_data is not None
+                and bool(config.eval_every)
+                and step % config.eval_every == 0
+            )
             saved = bool(config.save_every) and step % config.save_every == 0
             signum = signalled(self.signals)  # Ctrl-C / SIGTERM: checkpoint, then stop
             if not deferred or evaluates or saved or signum is not None or step == config.max_steps:
@@ -398,7 +402,7 @@ class _Loop:
                 pending = None
             state["elapsed_s"] = elapsed + time.perf_counter() - began
             stop = False
-            if self.eval_data is not None and evaluates:
+            if evaluates:
                 record = {"step": step, **self.evaluate()}
                 metrics.append(record)
                 stop = self.stop_when is not None and self.stop_when(record)

@@ -145,10 +145,10 @@ class MemoryPlan:
     def rebuilt_choice(self, model: nn.Module, measured: Measurements, chosen: tuple):
         """The plan with every gated MLP's activation rebuilt in backward, where that
         recomputes fewer layers than `chosen`; else None (and nothing is changed)."""
-        from slimtune.kernels.llama_ops import rebuild_gated_outputs
+        from slimtune.kernels.llama_ops import gated_mlps, rebuild_gated_outputs
 
         intermediate = getattr(getattr(model, "config", None), "intermediate_size", None)
-        if not chosen[0] or not intermediate or rebuild_gated_outputs(model, False) < self.layers:
+        if not chosen[0] or not intermediate or len(gated_mlps(model)) < self.layers:
             return None
         budget = self.budget_gib * GiB
         saved = BF16_BYTES * intermediate  # h, per token of a kept layer
