@@ -61,6 +61,24 @@ def test_qlora_linear_dequantizes_instead_of_saving():
         assert _rel(g, h) < 1e-5
 
 
+@pytest.mark.parametrize("keep", [False, True])
+def test_qlora_keeps_its_forward_dequantization_for_backward_only_when_asked(monkeypatch, keep):
+    x, w, a, b = _inputs((3, 4), 128, 64, 8, torch.float32, seed=3)
+    state = quantize_4bit_state(w, "nf4", 64, double_quant=True)
+    calls = []
+    real = fast.dequantize
+    monkeypatch.setattr(fast, "dequantize", lambda st_, dt: calls.append(dt) or real(st_, dt))
+    weight = fast.FrozenWeight(state, keep=keep)
+    y = fast.lora_linear(x, weight, None, a, b, 2.0)
+    assert (weight.kept is not None) == keep  # held from the forward
+    ref = _reference(x.double(), state.dequantize(torch.float32).double(), None,
+                     a.double(), b.double(), 2.0)  # fmt: skip
+    for g, h in zip(_grads(y, [x, a, b], 2), _grads(ref, [x, a, b], 2), strict=True):
+        assert _rel(g, h) < 1e-5
+    assert len(calls) == (1 if keep else 2)  # backward reused the forward's copy
+    assert weight.kept is None  # and released it
+
+
 def test_frozen_linear_matches_functional_linear():
     x, w, _, _ = _inputs((2, 3), 64, 32, 1, torch.float32, seed=4)
     state = quantize_4bit_state(w, "nf4", 64, double_quant=False)

@@ -97,6 +97,24 @@ def test_siblings_match_separate_layers_in_float64(quantized, fused_forced):
         torch.testing.assert_close(got.double(), ref.double(), rtol=1e-5, atol=1e-5)
 
 
+def test_a_kept_4bit_sibling_is_dequantized_once_a_step(fused_forced, monkeypatch):
+    """With `keep_dequantized` (the memory plan's choice), backward reuses the forward's copy."""
+    layers = _siblings(quantized=True)
+    layers["q"].base_layer.weight = None
+    layers["q"].base_layer.keep_dequantized = True
+    calls = []
+    real = fused.dequantize
+    monkeypatch.setattr(fused, "dequantize", lambda s, d: calls.append(d) or real(s, d))
+    group = Siblings(list(layers.values()))
+    x = torch.randn(2, 5, 24, requires_grad=True)
+    outs = [group.forward(layer, x) for layer in layers.values()]
+    leaves = _leaves(layers, x)
+    got = _grads(outs, leaves)
+    assert len(calls) == 1
+    for g, ref in zip(got, _grads(_reference(layers, x), leaves), strict=True):
+        torch.testing.assert_close(g.double(), ref.double(), rtol=1e-5, atol=1e-5)
+
+
 def test_a_sibling_called_with_another_input_runs_alone(fused_forced):
     layers = _siblings()
     assert link_siblings(list(layers.values()))

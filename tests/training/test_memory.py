@@ -12,7 +12,13 @@ from slimtune.config import TrainConfig
 from slimtune.errors import SlimtuneError
 from slimtune.models import load_model
 from slimtune.training.loop import train
-from slimtune.training.memory import GiB, Measurements, choose_recomputation, plan_memory
+from slimtune.training.memory import (
+    GiB,
+    Measurements,
+    choose_recomputation,
+    keep_dequantized,
+    plan_memory,
+)
 
 
 def _rows_file(tmp_path, n=32):
@@ -76,6 +82,19 @@ def test_auto_counts_the_inputs_its_first_step_offloaded():
     assert choose_recomputation(m, 22 * GiB, 32)[:2] == (32, True)  # 23 > 22: stay offloaded
     on_gpu = Measurements(10 * GiB, 20 * GiB, 11 * GiB, probe, 8192, offloaded=False)
     assert choose_recomputation(on_gpu, 22 * GiB, 32)[:2] == (32 - 1, False)  # already in peak
+
+
+def test_4bit_weights_are_kept_dequantized_only_where_all_of_them_fit(tiny_llama):
+    from slimtune.quant.linear import quantize_model, quantized_layers
+
+    model = quantize_model(tiny_llama[0], "nf4")
+    layers = list(quantized_layers(model).values())
+    needed = sum(2 * m.in_features * m.out_features for m in layers)  # bf16 bytes
+    assert len(layers) > 1 and needed > 0
+    assert keep_dequantized(model, needed - 1) == 0
+    assert not any(getattr(m, "keep_dequantized", False) for m in layers)
+    assert keep_dequantized(model, needed) == needed
+    assert all(m.keep_dequantized for m in layers)
 
 
 def test_cpu_auto_changes_nothing(tiny_llama, tmp_path):
@@ -189,6 +208,29 @@ def test_auto_plan_keeps_the_peak_within_the_budget_gpu(make_tiny_llama_dir, tmp
     assert 0 < plan["recomputed"] < 8 and not plan["offload"], (peaks, plan)
     assert plan["rebuilt_mlp"], plan  # h is ~1/5 of a layer here: one more layer kept
     assert summary["peak_memory_mb"] / 1024 <= budget * 1.02, (peaks, plan)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_auto_keeps_4bit_weights_dequantized_when_the_budget_has_room_gpu(
+    make_tiny_llama_dir, tmp_path
+):
+    """QLoRA with room to spare keeps each forward's dequantized weight for backward; the
+    losses are bit-identical to a run that dequantizes twice (`none`: no plan, no keeping)."""
+    directory = make_tiny_llama_dir(hidden_size=256, intermediate_size=1024, num_hidden_layers=4)
+    data = _rows_file(tmp_path)
+    losses = {}
+    for setting in ("none", "auto"):
+        model, tok = load_model(directory, dtype=torch.bfloat16, device="cuda", quantize="nf4")
+        model = st.add_adapter(model, st.LoraConfig(r=4, target_modules="all-linear"))
+        config = TrainConfig(max_steps=4, batch_size=4, save_every=0, checkpointing=setting,
+                             seed=0, gpu_memory=40.0)  # fmt: skip
+        summary = train(model, tok, data, config, tmp_path / setting, quiet=True)
+        lines = (tmp_path / setting / "metrics.jsonl").read_text().splitlines()
+        losses[setting] = [json.loads(x)["loss"] for x in lines if '"loss"' in x]
+        kept = summary["memory"]["kept_dequantized_gib"]
+        assert (kept > 0) == (setting == "auto"), summary["memory"]
+    assert losses["auto"] == losses["none"]
 
 
 def test_command_line_flags_reach_the_plan(tiny_llama_dir, tmp_path, capsys):

@@ -20,7 +20,8 @@ applied to the small (T, r) products only.
 What is saved for backward: x (shared with the sibling projections that read the same
 input), the small s · x Aᵀ, and A and B in the compute dtype. The frozen weight is not
 saved: a bf16 weight is a parameter already held by the model, and a 4-bit one is
-dequantized again in backward, so at most one dequantized weight exists at a time. Their
+dequantized again in backward, so at most one dequantized weight exists at a time (unless
+the memory plan has room to keep it, `FrozenWeight`). Their
 gradients are returned in the adapters' own dtype.
 
 `use_fast(x)` is the registry's rule (CUDA tensor and Triton importable, unless
@@ -45,11 +46,36 @@ def use_fast(x: Tensor) -> bool:
     return kernels_enabled(x)
 
 
-def _weight_fn(weight: Tensor | QuantState4bit) -> WeightFn:
+class FrozenWeight:
+    """The frozen weight (out, in) of one call, as a function of the compute dtype.
+
+    A 4-bit weight is dequantized at each call, so that at most one dequantized weight
+    exists at a time. With `keep` (the memory plan's choice when its budget has room,
+    training/memory.py), the forward's dequantized copy is kept and handed to backward,
+    which then dequantizes nothing: one pass instead of two, for the weight's bf16 bytes
+    held from a layer's forward to its backward. One object per forward call: its first
+    call is the forward's, the next the backward's.
+    """
+
+    def __init__(self, weight: Tensor | QuantState4bit, keep: bool = False) -> None:
+        self.weight, self.keep = weight, keep and isinstance(weight, QuantState4bit)
+        self.kept: Tensor | None = None
+
+    def __call__(self, dtype: torch.dtype) -> Tensor:
+        if self.kept is not None and self.kept.dtype == dtype:
+            kept, self.kept = self.kept, None  # backward: released once used
+            return kept
+        weight = self.weight
+        if isinstance(weight, QuantState4bit):
+            weight = dequantize(weight, dtype)
+            self.kept = weight if self.keep else None
+            return weight
+        return weight if weight.dtype == dtype else weight.to(dtype)
+
+
+def _weight_fn(weight: Tensor | QuantState4bit | FrozenWeight) -> WeightFn:
     """A function of the compute dtype giving the frozen weight (out, in) in that dtype."""
-    if isinstance(weight, QuantState4bit):
-        return lambda dtype: dequantize(weight, dtype)
-    return lambda dtype: weight if weight.dtype == dtype else weight.to(dtype)
+    return weight if isinstance(weight, FrozenWeight) else FrozenWeight(weight)
 
 
 def _compute_dtype(x: Tensor) -> torch.dtype:
@@ -96,7 +122,7 @@ class _FusedLoraLinear(torch.autograd.Function):
             dx = da = db = dbias = None
             if ctx.needs_input_grad[0]:
                 dx = torch.mm(gbs, a_)  # (T, in)
-                dx.addmm_(g, ctx.weight_fn(dtype))  # dequantized again: never saved
+                dx.addmm_(g, ctx.weight_fn(dtype))  # dequantized again, or the kept copy
                 dx = dx.view(xc.shape).to(x_dtype)
             if ctx.needs_input_grad[1]:
                 da = torch.mm(gbs.t(), x2).to(a_dtype)  # (r, in)
@@ -136,7 +162,7 @@ class _FrozenLinear(torch.autograd.Function):
 
 def lora_linear(
     x: Tensor,
-    weight: Tensor | QuantState4bit,
+    weight: Tensor | QuantState4bit | FrozenWeight,
     bias: Tensor | None,
     lora_a: Tensor,
     lora_b: Tensor,
@@ -147,7 +173,7 @@ def lora_linear(
 
     Args:
         x: (..., in) activations; the computation runs in x.dtype.
-        weight: the frozen W0 (out, in), or its 4-bit QuantState4bit.
+        weight: the frozen W0 (out, in), its 4-bit QuantState4bit, or a `FrozenWeight`.
         bias: optional (out,) bias (frozen or trainable).
         lora_a: A (r, in).   lora_b: B (out, r).
         scaling: alpha / r (or alpha / sqrt(r) with rsLoRA).
@@ -181,7 +207,8 @@ def _fused_parts(layer: torch.nn.Module, x: Tensor) -> tuple | None:
     """(weight, bias, A, B, scaling) of a LoRA layer the fused path applies to, else None.
 
     It applies on CUDA to a layer with one active, unmerged adapter, no dropout while
-    training, and a frozen Linear or 4-bit base.
+    training, and a frozen Linear or 4-bit base. The weight comes as a `FrozenWeight` that
+    keeps its dequantized copy for backward where the base layer has `keep_dequantized`.
     """
     if not use_fast(x) or layer.disabled or layer.merged_adapters or layer.fan_in_fan_out:
         return None
@@ -195,6 +222,7 @@ def _fused_parts(layer: torch.nn.Module, x: Tensor) -> tuple | None:
     if weight is None or type(layer.lora_A[name]) is not torch.nn.Linear:
         return None
     a, b = layer.lora_A[name].weight, layer.lora_B[name].weight
+    weight = FrozenWeight(weight, keep=getattr(base, "keep_dequantized", False))
     return weight, getattr(base, "bias", None), a, b, layer.scaling[name]
 
 
