@@ -21,7 +21,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from slimtune.kernels.lora import _compute_dtype, _fused_parts, _weight_fn
+from slimtune.kernels.compute_copies import compute_copy
+from slimtune.kernels.lora import _compute_dtype, _fused_parts, _weight_fn, mm_as
 
 
 class Siblings:
@@ -75,10 +76,10 @@ class _FusedLoraGroup(torch.autograd.Function):
         with torch.autocast(x.device.type, enabled=False):
             xc = x.to(dtype)
             x2 = xc.reshape(-1, x.shape[-1])  # (T, in)
-            a_cat = torch.cat([t.to(dtype) for t in a])  # (n·r, in)
+            a_cat = compute_copy(a, dtype)  # [A₁; …; Aₙ]  (n·r, in)
             ranks = [t.shape[0] for t in a]
             xs = _scale_columns(torch.mm(x2, a_cat.t()), ranks, scales)  # s_i x A_iᵀ
-            b_ = [t.to(dtype) for t in b]
+            b_ = [compute_copy((t,), dtype) for t in b]
             ys = []
             for xs_i, b_i, bias, weight_fn in zip(
                 xs.split(ranks, 1), b_, biases, weight_fns, strict=True
@@ -134,10 +135,11 @@ def group_backward(ctx, saved, grads, wanted) -> tuple:
             dx = dx.view(xc.shape).to(x_dtype)
         das = [None] * n
         if any(want_a):
-            da = torch.mm(gbs.t(), x2).split(ctx.ranks)  # (r_i, in) each
+            da_dtype = a_dtypes[0] if len(set(a_dtypes)) == 1 else dtype
+            da = mm_as(gbs.t(), x2, da_dtype).split(ctx.ranks)  # (r_i, in) each
             das = [d.to(t) for d, t in zip(da, a_dtypes, strict=True)]
         dbs = [
-            torch.mm(g.t(), xs_i).to(t) if want else None
+            mm_as(g.t(), xs_i, t) if want else None
             for g, xs_i, t, want in zip(gs, xs.split(ctx.ranks, 1), b_dtypes, want_b, strict=True)
         ]
         dbias = [
