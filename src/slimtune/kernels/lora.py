@@ -8,9 +8,9 @@ LoRA, Hu et al. 2021, arXiv:2106.09685; QLoRA, Dettmers et al. 2023, arXiv:2305.
                                   the base GEMM adds onto y in its epilogue (beta = 1)
 
     forward:   y  = s · (x Aᵀ) Bᵀ + x W0ᵀ
-    backward:  gBs = s · g B                               (T, r)
+    backward:  gBs = s · g B,  dB = gᵀ (s · x Aᵀ)          one read of g (kernels/lora_grad.py)
                dx  = gBs A + g W0                          one buffer; the big GEMM adds last
-               dA  = gBsᵀ x,   dB = gᵀ (s · x Aᵀ)
+               dA  = gBsᵀ x
 
 The adapter term is written first and the base GEMM accumulates onto it: the memory-bound
 rank-r GEMM then writes y once, and the read of y happens inside the compute-bound base
@@ -37,6 +37,7 @@ import torch
 from torch import Tensor
 
 from slimtune.kernels.compute_copies import compute_copy
+from slimtune.kernels.lora_grad import gradient_products
 from slimtune.quant.nf4 import QuantState4bit
 from slimtune.quant.triton import dequantize, kernels_enabled
 
@@ -128,16 +129,15 @@ class _FusedLoraLinear(torch.autograd.Function):
         with torch.autocast(xc.device.type, enabled=False):
             x2 = xc.reshape(-1, xc.shape[-1])  # (T, in)
             g = grad.reshape(-1, grad.shape[-1]).to(dtype)  # (T, out)
-            gbs = _scaled(torch.mm(g, b_), s)  # s · g B  (T, r)
-            dx = da = db = dbias = None
+            gbs, db = gradient_products(g, b_, xs, s)  # s · g B (T, r), gᵀ xs: one read of g
+            dx = da = dbias = None
             if ctx.needs_input_grad[0]:
                 dx = torch.mm(gbs, a_)  # (T, in)
                 dx.addmm_(g, ctx.weight_fn(dtype))  # dequantized again, or the kept copy
                 dx = dx.view(xc.shape).to(x_dtype)
             if ctx.needs_input_grad[1]:
                 da = mm_as(gbs.t(), x2, a_dtype)  # (r, in)
-            if ctx.needs_input_grad[2]:
-                db = mm_as(g.t(), xs, b_dtype)  # (out, r)
+            db = db.to(b_dtype) if ctx.needs_input_grad[2] else None  # (out, r)
             if ctx.has_bias and ctx.needs_input_grad[3]:
                 dbias = g.sum(0).to(bias_dtype)
         return dx, da, db, dbias, None, None, None
