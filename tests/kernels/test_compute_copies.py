@@ -36,12 +36,16 @@ def test_copies_are_made_once_and_refreshed_together_after_an_update(copies_coun
     assert len(compute_copies._live) == 2  # the copies of earlier tests died with their tensors
     opt = torch.optim.SGD([a, b], lr=0.5)
     (a.sum() + b.sum()).backward()
-    opt.step()  # both change in place
+    opt.step()  # both change in place; the step's end refreshes both copies in one pass
+    assert copies_counted == [1, 1, 2]
     got_a = compute_copy((a,), torch.bfloat16)
-    assert copies_counted == [1, 1, 2]  # a's stale copy refreshed b's as well, in one pass
     assert torch.equal(got_a, a.detach().to(torch.bfloat16))
     assert torch.equal(compute_copy((b,), torch.bfloat16), b.detach().to(torch.bfloat16))
     assert copies_counted == [1, 1, 2]
+    with torch.no_grad():
+        b.add_(1.0)  # changed outside an optimizer: refreshed where it is used
+    assert torch.equal(compute_copy((b,), torch.bfloat16), b.detach().to(torch.bfloat16))
+    assert copies_counted == [1, 1, 2, 1]
     a.data = torch.zeros(4, 8)  # new storage, version unchanged: stale too
     assert torch.equal(compute_copy((a,), torch.bfloat16), torch.zeros(4, 8, dtype=torch.bfloat16))
 

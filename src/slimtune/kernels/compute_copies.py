@@ -9,10 +9,14 @@ microseconds plus a launch gap. Instead each group of matrices gets one copy:
     copy(B_q)           = B_q in bf16                  (out, r)
 
 A copy stays valid while its parameters are unchanged (same version counter, same
-storage). The first use after an optimizer step refreshes every stale copy of every
-group with one `torch._foreach_copy_` (a multi-tensor kernel), and the later uses in the
-step find theirs current. A backward that reads a copy refreshed since its forward fails
-with autograd's own in-place error instead of using other values.
+storage). Every optimizer step ends by refreshing every stale copy of every group with
+one `torch._foreach_copy_` (a multi-tensor kernel; a global optimizer step hook), so
+that the next forward finds them current. That host work happens while the GPU still runs
+the step's queued backward: done at the first use instead, it came right after the next
+forward's one wait (transformers' packed-rows check) and left the GPU idle for ~4 ms a
+step (bench/NOTES.md run 29). A copy found stale anyway (weights edited outside an
+optimizer) is refreshed at its use. A backward that reads a copy refreshed since its
+forward fails with autograd's own in-place error instead of using other values.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import torch
 from torch import Tensor
 
 _live: weakref.WeakSet = weakref.WeakSet()  # every copy, so that one pass refreshes them all
+_hooked = False  # the optimizer step hook is registered
 
 
 class _Copy:
@@ -62,6 +67,7 @@ def compute_copy(sources: Sequence[Tensor], dtype: torch.dtype) -> Tensor:
     if copy is None:
         copy = copies[key] = _Copy(sources, dtype)
         _live.add(copy)
+        _hook_optimizers()
     if copy.stale():
         refresh()
     return copy.tensor
@@ -80,3 +86,13 @@ def refresh() -> None:
             torch._foreach_copy_(parts, sources)
     for c in stale:
         c.copied_at = c.state()
+
+
+def _hook_optimizers() -> None:
+    """Refresh the copies at the end of every optimizer step (registered once)."""
+    global _hooked
+    if not _hooked:
+        from torch.optim.optimizer import register_optimizer_step_post_hook
+
+        register_optimizer_step_post_hook(lambda *_: refresh())
+        _hooked = True

@@ -123,7 +123,8 @@ def grad_products(
     launch(_grad_products, g, (blocks, chunks), g, b, xs, p, q, t, n, tc, g.stride(0),
            b.stride(0), xs.stride(0), R=r, PR=pr, PRECISION=precision,
            UPCAST=g.device.type == "cpu", **tiles)  # fmt: skip
-    gbs = p[:, :, :r].sum(0).mul_(scale)  # (T, r) fp32
+    gbs = p[:, :, :r].sum(0)  # (T, r) fp32
+    gbs = gbs if scale == 1 else gbs.mul_(scale)
     db = q[:, :, :r].sum(0)  # (N, r) fp32
     if out_gb is None:
         return gbs.to(g.dtype), db
