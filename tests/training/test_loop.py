@@ -86,9 +86,26 @@ def test_a_batch_without_labels_has_no_loss(tiny_llama):
     assert count == 0 and loss_sum.shape == () and loss_sum.item() == 0.0
 
 
-def test_lora_loss_falls_on_arithmetic(make_tiny_llama_dir, arithmetic_file, tmp_path):
+@pytest.mark.parametrize(
+    "device",
+    [
+        "cpu",
+        pytest.param(
+            "cuda",
+            marks=[
+                pytest.mark.gpu,
+                pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"),
+            ],
+        ),
+    ],
+)
+def test_lora_loss_falls_on_arithmetic(make_tiny_llama_dir, arithmetic_file, tmp_path, device):
+    """On the GPU through the fused kernels and fused AdamW too: a forward that kept using
+    stale weights (kernels/compute_copies.py before the step count) fails here."""
     # embeddings large enough that the tied output layer can be confident (std 0.02 cannot)
-    model, tokenizer = load_model(make_tiny_llama_dir(initializer_range=0.2))
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    directory = make_tiny_llama_dir(initializer_range=0.2)
+    model, tokenizer = load_model(directory, dtype=dtype, device=device)
     torch.manual_seed(0)
     model = st.add_adapter(model, st.LoraConfig(r=8, lora_alpha=16, target_modules="all-linear"))
     config = TrainConfig(max_steps=40, batch_size=16, lr=3e-2, save_every=0, warmup_steps=2)

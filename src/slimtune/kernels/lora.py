@@ -8,9 +8,9 @@ LoRA, Hu et al. 2021, arXiv:2106.09685; QLoRA, Dettmers et al. 2023, arXiv:2305.
                                   the base GEMM adds onto y in its epilogue (beta = 1)
 
     forward:   y  = s · (x Aᵀ) Bᵀ + x W0ᵀ
-    backward:  gBs = s · g B,  dB = gᵀ (s · x Aᵀ)          one read of g (kernels/lora_grad.py)
+    backward:  gBs = s · g B                               (T, r)
                dx  = gBs A + g W0                          one buffer; the big GEMM adds last
-               dA  = gBsᵀ x
+               dA  = gBsᵀ x,   dB = gᵀ (s · x Aᵀ)
 
 The adapter term is written first and the base GEMM accumulates onto it: the memory-bound
 rank-r GEMM then writes y once, and the read of y happens inside the compute-bound base
@@ -18,8 +18,7 @@ GEMM, instead of a separate pass that reads and writes y again after it. The sca
 applied to the small (T, r) products only.
 
 What is saved for backward: x (shared with the sibling projections that read the same
-input), the small s · x Aᵀ, and A and B in the compute dtype (copies made once a step,
-kernels/compute_copies.py). The frozen weight is not
+input), the small s · x Aᵀ, and A and B in the compute dtype. The frozen weight is not
 saved: a bf16 weight is a parameter already held by the model, and a 4-bit one is
 dequantized again in backward, so at most one dequantized weight exists at a time (unless
 the memory plan has room to keep it, `FrozenWeight`). Their
@@ -36,8 +35,6 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from slimtune.kernels.compute_copies import compute_copy
-from slimtune.kernels.lora_grad import gradient_products
 from slimtune.quant.nf4 import QuantState4bit
 from slimtune.quant.triton import dequantize, kernels_enabled
 
@@ -89,14 +86,6 @@ def _compute_dtype(x: Tensor) -> torch.dtype:
     return x.dtype
 
 
-def mm_as(a: Tensor, b: Tensor, dtype: torch.dtype) -> Tensor:
-    """a @ b in `dtype`: on CUDA, bf16/fp16 products are accumulated and written in fp32 by
-    the GEMM itself (no cast kernel after it); elsewhere cast after."""
-    if a.is_cuda and dtype == torch.float32 and a.dtype in (torch.bfloat16, torch.float16):
-        return torch.mm(a, b, out_dtype=dtype)
-    return torch.mm(a, b).to(dtype)
-
-
 def _scaled(t: Tensor, s: float) -> Tensor:
     """s · t in place (a small (T, r) tensor), no kernel when s = 1."""
     return t if s == 1 else t.mul_(s)
@@ -109,7 +98,7 @@ class _FusedLoraLinear(torch.autograd.Function):
         with torch.autocast(x.device.type, enabled=False):
             xc = x.to(dtype)  # x itself without autocast; its low-precision copy with it
             x2 = xc.reshape(-1, x.shape[-1])  # (T, in)
-            a_, b_ = compute_copy((a,), dtype), compute_copy((b,), dtype)
+            a_, b_ = a.to(dtype), b.to(dtype)
             xs = _scaled(torch.mm(x2, a_.t()), scaling)  # s · x Aᵀ  (T, r)
             if unread:  # only the graph is needed (see `unread_projection`): no GEMM
                 y = x2.new_empty(x2.shape[0], b.shape[0])
@@ -129,15 +118,16 @@ class _FusedLoraLinear(torch.autograd.Function):
         with torch.autocast(xc.device.type, enabled=False):
             x2 = xc.reshape(-1, xc.shape[-1])  # (T, in)
             g = grad.reshape(-1, grad.shape[-1]).to(dtype)  # (T, out)
-            gbs, db = gradient_products(g, b_, xs, s)  # s · g B (T, r), gᵀ xs: one read of g
-            dx = da = dbias = None
+            gbs = _scaled(torch.mm(g, b_), s)  # s · g B  (T, r)
+            dx = da = db = dbias = None
             if ctx.needs_input_grad[0]:
                 dx = torch.mm(gbs, a_)  # (T, in)
                 dx.addmm_(g, ctx.weight_fn(dtype))  # dequantized again, or the kept copy
                 dx = dx.view(xc.shape).to(x_dtype)
             if ctx.needs_input_grad[1]:
-                da = mm_as(gbs.t(), x2, a_dtype)  # (r, in)
-            db = db.to(b_dtype) if ctx.needs_input_grad[2] else None  # (out, r)
+                da = torch.mm(gbs.t(), x2).to(a_dtype)  # (r, in)
+            if ctx.needs_input_grad[2]:
+                db = torch.mm(g.t(), xs).to(b_dtype)  # (out, r)
             if ctx.has_bias and ctx.needs_input_grad[3]:
                 dbias = g.sum(0).to(bias_dtype)
         return dx, da, db, dbias, None, None, None

@@ -5,10 +5,10 @@ their x Aᵀ, and autograd sums their n input gradients with n − 1 extra passe
 
     forward:   xs = x [s₁A₁; …; sₙAₙ]ᵀ                 (T, n·r): one read of x for every A
                y_i = xs_i B_iᵀ,  then y_i += x W_iᵀ       (kernels/lora.py, per projection)
-    backward:  gbs_i = s_i g_i B_i,  dB_i = g_iᵀ xs_i       one read of g_i (kernels/lora_grad.py)
+    backward:  gbs_i = s_i g_i B_i                        (T, r)
                dx = [gbs_1 … gbsₙ] [A₁; …; Aₙ]  then  dx += g_i W_i for each i
                                                        (the base GEMMs add onto one buffer)
-               [dA₁; …; dAₙ] = [gbs_1 … gbsₙ]ᵀ x         (one read of x)
+               [dA₁; …; dAₙ] = [gbs_1 … gbsₙ]ᵀ x         (one read of x),  dB_i = g_iᵀ xs_i
 
 The modules keep being called one by one (transformers' attention calls q_proj, k_proj,
 v_proj in turn): the first sibling computes every output and leaves the others' on the
@@ -21,9 +21,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from slimtune.kernels.compute_copies import compute_copy
-from slimtune.kernels.lora import _compute_dtype, _fused_parts, _weight_fn, mm_as
-from slimtune.kernels.lora_grad import gradient_products
+from slimtune.kernels.lora import _compute_dtype, _fused_parts, _weight_fn
 
 
 class Siblings:
@@ -77,10 +75,10 @@ class _FusedLoraGroup(torch.autograd.Function):
         with torch.autocast(x.device.type, enabled=False):
             xc = x.to(dtype)
             x2 = xc.reshape(-1, x.shape[-1])  # (T, in)
-            a_cat = compute_copy(a, dtype)  # [A₁; …; Aₙ]  (n·r, in)
+            a_cat = torch.cat([t.to(dtype) for t in a])  # (n·r, in)
             ranks = [t.shape[0] for t in a]
             xs = _scale_columns(torch.mm(x2, a_cat.t()), ranks, scales)  # s_i x A_iᵀ
-            b_ = [compute_copy((t,), dtype) for t in b]
+            b_ = [t.to(dtype) for t in b]
             ys = []
             for xs_i, b_i, bias, weight_fn in zip(
                 xs.split(ranks, 1), b_, biases, weight_fns, strict=True
@@ -126,13 +124,8 @@ def group_backward(ctx, saved, grads, wanted) -> tuple:
             for g, b in zip(grads, b_, strict=True)
         ]
         gs = [g.to(dtype) for g in gs]
-        gbs = x2.new_empty(x2.shape[0], sum(ctx.ranks))  # [s_i g_i B_i]  (T, n·r)
-        dbs = [
-            gradient_products(g, b, xs_i, s, out_gb=gbs_i)[1]  # one read of each g_i
-            for g, b, xs_i, s, gbs_i in zip(
-                gs, b_, xs.split(ctx.ranks, 1), ctx.scales, gbs.split(ctx.ranks, 1), strict=True
-            )
-        ]
+        gbs = torch.cat([torch.mm(g, b) for g, b in zip(gs, b_, strict=True)], 1)  # (T, n·r)
+        _scale_columns(gbs, ctx.ranks, ctx.scales)
         dx = None
         if want_dx:
             dx = torch.mm(gbs, a_cat)  # (T, in)
@@ -141,11 +134,11 @@ def group_backward(ctx, saved, grads, wanted) -> tuple:
             dx = dx.view(xc.shape).to(x_dtype)
         das = [None] * n
         if any(want_a):
-            da_dtype = a_dtypes[0] if len(set(a_dtypes)) == 1 else dtype
-            da = mm_as(gbs.t(), x2, da_dtype).split(ctx.ranks)  # (r_i, in) each
+            da = torch.mm(gbs.t(), x2).split(ctx.ranks)  # (r_i, in) each
             das = [d.to(t) for d, t in zip(da, a_dtypes, strict=True)]
         dbs = [
-            db.to(t) if want else None for db, t, want in zip(dbs, b_dtypes, want_b, strict=True)
+            torch.mm(g.t(), xs_i).to(t) if want else None
+            for g, xs_i, t, want in zip(gs, xs.split(ctx.ranks, 1), b_dtypes, want_b, strict=True)
         ]
         dbias = [
             g.sum(0).to(t) if t is not None and want else None

@@ -28,7 +28,6 @@ import weakref
 import torch
 from torch import Tensor, nn
 
-from slimtune.kernels.compute_copies import compute_copy
 from slimtune.kernels.lora import _compute_dtype, _fused_parts, _weight_fn
 from slimtune.kernels.lora_group import _scale_columns, group_backward
 from slimtune.quant.triton import launch, triton
@@ -119,12 +118,12 @@ class _LoraGatedUnit(torch.autograd.Function):
         with torch.autocast(x.device.type, enabled=False):
             xc = x.to(dtype)
             x2 = xc.reshape(-1, x.shape[-1])  # (T, in)
-            a_cat = compute_copy((a_g, a_u), dtype)  # (r_g + r_u, in)
+            a_cat = torch.cat([a_g.to(dtype), a_u.to(dtype)])  # (r_g + r_u, in)
             ranks, scales = [a_g.shape[0], a_u.shape[0]], (s_g, s_u)
             xs = _scale_columns(torch.mm(x2, a_cat.t()), ranks, scales)  # s x Aᵀ per sibling
             yg = torch.mm(x2, weight_g(dtype).t())  # (T, I): the base GEMMs alone
             yu = torch.mm(x2, weight_u(dtype).t())
-            bg, bu = compute_copy((b_g,), dtype), compute_copy((b_u,), dtype)
+            bg, bu = b_g.to(dtype).contiguous(), b_u.to(dtype).contiguous()
             h = _tiles(yg, yu, xs, bg, bu, gelu)
         ctx.save_for_backward(xc, a_cat, xs, bg, bu, yg, yu)
         ctx.n, ctx.ranks, ctx.scales, ctx.weight_fns = 2, ranks, scales, (weight_g, weight_u)
