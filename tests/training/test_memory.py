@@ -226,24 +226,32 @@ def test_auto_plan_keeps_the_peak_within_the_budget_gpu(make_tiny_llama_dir, tmp
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_auto_keeps_4bit_weights_dequantized_when_the_budget_has_room_gpu(
-    make_tiny_llama_dir, tmp_path
+    make_tiny_llama_dir, tmp_path, monkeypatch
 ):
     """QLoRA with room to spare keeps each forward's dequantized weight for backward; the
-    losses are bit-identical to a run that dequantizes twice (`none`: no plan, no keeping)."""
+    losses are those of the same plan that dequantizes twice instead: step 1 (before the plan
+    keeps anything) bit for bit, the later steps within what cuDNN's attention backward,
+    which accumulates dQ with atomics, leaves from run to run (the kept weight's gradients
+    are checked against float64 on the CPU: test_kernels_lora.py, test_lora_group.py)."""
+    from slimtune.training import memory
+
     directory = make_tiny_llama_dir(hidden_size=256, intermediate_size=1024, num_hidden_layers=4)
     data = _rows_file(tmp_path)
-    losses = {}
-    for setting in ("none", "auto"):
+    losses, kept = {}, {}
+    for name in ("kept", "twice"):
+        if name == "twice":
+            monkeypatch.setattr(memory, "keep_dequantized", lambda model, room: 0)
         model, tok = load_model(directory, dtype=torch.bfloat16, device="cuda", quantize="nf4")
         model = st.add_adapter(model, st.LoraConfig(r=4, target_modules="all-linear"))
-        config = TrainConfig(max_steps=4, batch_size=4, save_every=0, checkpointing=setting,
-                             seed=0, gpu_memory=40.0)  # fmt: skip
-        summary = train(model, tok, data, config, tmp_path / setting, quiet=True)
-        lines = (tmp_path / setting / "metrics.jsonl").read_text().splitlines()
-        losses[setting] = [json.loads(x)["loss"] for x in lines if '"loss"' in x]
-        kept = summary["memory"]["kept_dequantized_gib"]
-        assert (kept > 0) == (setting == "auto"), summary["memory"]
-    assert losses["auto"] == losses["none"]
+        config = TrainConfig(max_steps=4, batch_size=4, save_every=0, seed=0, gpu_memory=40.0)
+        summary = train(model, tok, data, config, tmp_path / name, quiet=True)
+        lines = (tmp_path / name / "metrics.jsonl").read_text().splitlines()
+        losses[name] = [json.loads(x)["loss"] for x in lines if '"loss"' in x]
+        kept[name] = summary["memory"]["kept_dequantized_gib"]
+    assert kept["kept"] > 0 and kept["twice"] == 0, kept
+    assert losses["kept"][0] == losses["twice"][0], losses
+    for got, want in zip(losses["kept"], losses["twice"], strict=True):
+        assert abs(got - want) / want < 1e-2, losses
 
 
 def test_command_line_flags_reach_the_plan(tiny_llama_dir, tmp_path, capsys):
