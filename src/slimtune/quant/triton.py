@@ -33,8 +33,12 @@ except ImportError:  # pragma: no cover - exercised where triton is absent
     triton = None
     tl = None
 
-_BYTES_PER_PROGRAM = 1024  # each program reads 1024 bytes and writes 2048 values
-_NUM_WARPS = 2  # best of the launch sweep on an H100 (bench/NOTES.md, run 7)
+# The launch: the best of `bench/gpu_kernels.py`'s sweep on an H200 (bench/NOTES.md run 30):
+# 67 µs for a (14336, 4096) weight (2.2 TB/s), where the H100's best (1024 bytes, 2 warps,
+# run 7) was not among the six fastest (all ≥ 73 µs)
+_BYTES_PER_PROGRAM = 4096  # each program reads 4096 bytes and writes 8192 values
+_NUM_WARPS = 8
+_EVICT = "evict_first"  # the stores: a written weight (117 MB here) is larger than L2
 _TILED = True  # the (blocks, blocksize/2) tiling: one statistics load per block
 
 if triton is not None:
@@ -159,7 +163,7 @@ def dequantize_nf4_triton(
     bytes_per_program: int = _BYTES_PER_PROGRAM,
     num_warps: int = _NUM_WARPS,
     tiled: bool = _TILED,
-    evict: str = "",
+    evict: str = _EVICT,
 ) -> Tensor:
     """Dequantize packed 4-bit codes to ``dtype`` with one Triton launch.
 
