@@ -37,6 +37,11 @@ TARGETS = [
     *(f"slimtune.evaluate.x_{name}__mutmut_*" for name in (
         "sliding_windows", "exact_match_pairs", "greedy_continuations", "exact_match",
         "evaluate")),
+    *(f"slimtune.training.memory.x_{name}__mutmut_*" for name in (
+        "layers_to_keep", "choose_recomputation", "keep_dequantized")),
+    "slimtune.training.memory.xǁMemoryPlanǁrebuilt_choice__mutmut_*",
+    "slimtune.kernels.lora.xǁFrozenWeightǁ*__mutmut_*",
+    "slimtune.kernels.lora.xǁ_FusedLoraLinearǁ*__mutmut_*",
 ]  # fmt: skip
 
 

@@ -79,6 +79,36 @@ def test_qlora_keeps_its_forward_dequantization_for_backward_only_when_asked(mon
     assert weight.kept is None  # and released it
 
 
+def test_a_frozen_weight_keeps_nothing_unless_asked_and_gives_the_asked_dtype():
+    _, w, _, _ = _inputs((1,), 64, 32, 1, torch.float32, seed=6)
+    state = quantize_4bit_state(w, "nf4", 64, double_quant=True)
+    weight = fast._weight_fn(state)  # what the fused functions get outside the memory plan
+    got = weight(torch.bfloat16)
+    assert got.dtype == torch.bfloat16 and weight.kept is None
+    assert torch.equal(got, state.dequantize(torch.bfloat16))
+
+
+def test_an_unread_output_skips_the_base_gemm_and_keeps_every_gradient():
+    """`unread`: y's values are left unset (nobody reads them), its gradients are exact."""
+    x, w, a, b = _inputs((3, 5), 48, 40, 4, torch.float32, seed=8)
+    y = fast.lora_linear(x, w, None, a, b, 0.5, unread=True)
+    ref = fast.lora_linear(x, w, None, a, b, 0.5)
+    assert y.shape == ref.shape == (3, 5, 40)
+    for g, h in zip(_grads(y, [x, a, b], 9), _grads(ref, [x, a, b], 9), strict=True):
+        assert torch.equal(g, h)
+
+
+@pytest.mark.parametrize("frozen", ["a", "b"])
+def test_one_frozen_factor_still_gives_the_others_gradients(frozen):
+    x, w, a, b = _inputs((6,), 32, 24, 4, torch.float32, seed=10)
+    (a if frozen == "a" else b).requires_grad_(False)
+    trained = [x, b] if frozen == "a" else [x, a]
+    y = fast.lora_linear(x, w, None, a, b, 2.0)
+    ref = _reference(x.double(), w.double(), None, a.double(), b.double(), 2.0)
+    for g, h in zip(_grads(y, trained, 11), _grads(ref, trained, 11), strict=True):
+        assert _rel(g, h) < 1e-5
+
+
 def test_frozen_linear_matches_functional_linear():
     x, w, _, _ = _inputs((2, 3), 64, 32, 1, torch.float32, seed=4)
     state = quantize_4bit_state(w, "nf4", 64, double_quant=False)

@@ -15,8 +15,10 @@ from slimtune.training.loop import train
 from slimtune.training.memory import (
     GiB,
     Measurements,
+    MemoryPlan,
     choose_recomputation,
     keep_dequantized,
+    layers_to_keep,
     plan_memory,
 )
 
@@ -43,6 +45,49 @@ def test_auto_keeps_as_many_layers_as_the_budget_holds():
     # a batch twice as long as step 1's: activations scale, weights and state do not
     m2 = Measurements(10 * GiB, 20 * GiB, 11 * GiB, probe, 16384)
     assert choose_recomputation(m2, 40 * GiB, 32) == (32 - 4, False, 2 * GiB, 31 * GiB)
+
+
+def test_layers_to_keep_at_its_edges():
+    assert layers_to_keep(10, 5, 0, 32) == 32  # a layer that keeps nothing: keep them all
+    assert layers_to_keep(10, 5, 1, 32) == 5  # (10 - 5) // 1
+    assert layers_to_keep(10, 5, 2, 32) == 2
+    assert layers_to_keep(4, 5, 1, 32) == 0  # over the budget already
+    assert layers_to_keep(100, 5, 1, 32) == 32
+
+
+def test_the_plan_arithmetic_at_its_edges():
+    # no layer probed (nothing recomputed in step 1): step 1 counts as one token, so the
+    # longest batch (2 tokens) doubles its activations, and no layer costs anything to keep
+    empty = Measurements(10, 20, 11, [], 2)
+    assert choose_recomputation(empty, 40, 32) == (0, False, 0.0, 31.0)
+    assert choose_recomputation(empty, 31, 32)[1] is False  # exactly at the budget: it fits
+    assert choose_recomputation(empty, 30, 32)[1] is True
+    # one probed layer of one token keeping 6 bytes; batches of up to 2 tokens
+    one = Measurements(0, 10, 0, [(6, 1)], 2)
+    assert choose_recomputation(one, 44, 32) == (32 - 2, False, 12.0, 20.0)  # (44 - 20) // 12
+    # an MLP rebuild that saves more than the layer kept leaves nothing to keep, not less
+    assert choose_recomputation(one, 24, 32, saved_per_token=100) == (0, False, 0.0, 20.0)
+
+
+def test_rebuilding_h_is_left_off_where_it_keeps_no_more_layers():
+    from slimtune.kernels.llama_ops import rebuild_gated_outputs
+
+    probe = [(GiB, 8192)] * 32
+    m = Measurements(10 * GiB, 20 * GiB, 11 * GiB, probe, 8192)
+    model = torch.nn.Module()
+    model.config = types.SimpleNamespace(intermediate_size=16384)
+    model.mlps = torch.nn.ModuleList(torch.nn.Module() for _ in range(32))
+    for mlp in model.mlps:
+        mlp.gated = True
+    plan = MemoryPlan(torch.device("cuda"), "auto", 32, 32, False, True, 64, "", "adamw", 21.5)
+    # 0.5 GiB over "all": no layer kept at 1 GiB a layer, nor at 0.75 with h rebuilt
+    chosen = choose_recomputation(m, 21.5 * GiB, 32)
+    assert chosen[0] == 32
+    assert plan.rebuilt_choice(model, m, chosen) is None
+    assert not any(getattr(mlp, "rebuild_output", False) for mlp in model.mlps)
+    rebuild_gated_outputs(model, False)
+    plain = torch.nn.Module()  # no config: no intermediate size to reason about
+    assert plan.rebuilt_choice(plain, m, chosen) is None
 
 
 def test_auto_rebuilds_the_mlp_activation_where_that_recomputes_fewer_layers():
@@ -84,10 +129,11 @@ def test_auto_counts_the_inputs_its_first_step_offloaded():
     assert choose_recomputation(on_gpu, 22 * GiB, 32)[:2] == (32 - 1, False)  # already in peak
 
 
-def test_4bit_weights_are_kept_dequantized_only_where_all_of_them_fit(tiny_llama):
+@pytest.mark.parametrize("quant", ["nf4", "fp4"])
+def test_4bit_weights_are_kept_dequantized_only_where_all_of_them_fit(tiny_llama, quant):
     from slimtune.quant.linear import quantize_model, quantized_layers
 
-    model = quantize_model(tiny_llama[0], "nf4")
+    model = quantize_model(tiny_llama[0], quant)
     layers = list(quantized_layers(model).values())
     needed = sum(2 * m.in_features * m.out_features for m in layers)  # bf16 bytes
     assert len(layers) > 1 and needed > 0
@@ -95,6 +141,14 @@ def test_4bit_weights_are_kept_dequantized_only_where_all_of_them_fit(tiny_llama
     assert not any(getattr(m, "keep_dequantized", False) for m in layers)
     assert keep_dequantized(model, needed) == needed
     assert all(m.keep_dequantized for m in layers)
+
+
+def test_8bit_weights_are_never_kept_dequantized(tiny_llama):
+    """Only 4-bit states go through the kept path (kernels/lora.py `FrozenWeight`)."""
+    from slimtune.quant.linear import quantize_model
+
+    model = quantize_model(tiny_llama[0], "int8")
+    assert keep_dequantized(model, 2**40) == 0
 
 
 def test_cpu_auto_changes_nothing(tiny_llama, tmp_path):
