@@ -38,8 +38,9 @@ TARGETS = [
         "sliding_windows", "exact_match_pairs", "greedy_continuations", "exact_match",
         "evaluate")),
     *(f"slimtune.training.memory.x_{name}__mutmut_*" for name in (
-        "layers_to_keep", "choose_recomputation", "keep_dequantized")),
+        "layers_to_keep", "choose_recomputation", "hold_dequantized")),
     "slimtune.training.memory.xǁMemoryPlanǁrebuilt_choice__mutmut_*",
+    "slimtune.training.memory.xǁMemoryPlanǁrelease__mutmut_*",
     "slimtune.kernels.lora.xǁFrozenWeightǁ*__mutmut_*",
     "slimtune.kernels.lora.xǁ_FusedLoraLinearǁ*__mutmut_*",
 ]  # fmt: skip

@@ -61,31 +61,33 @@ def test_qlora_linear_dequantizes_instead_of_saving():
         assert _rel(g, h) < 1e-5
 
 
-@pytest.mark.parametrize("keep", [False, True])
-def test_qlora_keeps_its_forward_dequantization_for_backward_only_when_asked(monkeypatch, keep):
+@pytest.mark.parametrize("held", [False, True])
+def test_qlora_dequantizes_twice_a_step_unless_a_copy_is_held(monkeypatch, held):
     x, w, a, b = _inputs((3, 4), 128, 64, 8, torch.float32, seed=3)
     state = quantize_4bit_state(w, "nf4", 64, double_quant=True)
+    w_hat = state.dequantize(torch.float32)
     calls = []
     real = fast.dequantize
     monkeypatch.setattr(fast, "dequantize", lambda st_, dt: calls.append(dt) or real(st_, dt))
-    weight = fast.FrozenWeight(state, keep=keep)
+    weight = fast.FrozenWeight(state, held=w_hat.clone() if held else None)
     y = fast.lora_linear(x, weight, None, a, b, 2.0)
-    assert (weight.kept is not None) == keep  # held from the forward
-    ref = _reference(x.double(), state.dequantize(torch.float32).double(), None,
-                     a.double(), b.double(), 2.0)  # fmt: skip
+    ref = _reference(x.double(), w_hat.double(), None, a.double(), b.double(), 2.0)
+    assert _rel(y, ref) < 1e-5
     for g, h in zip(_grads(y, [x, a, b], 2), _grads(ref, [x, a, b], 2), strict=True):
         assert _rel(g, h) < 1e-5
-    assert len(calls) == (1 if keep else 2)  # backward reused the forward's copy
-    assert weight.kept is None  # and released it
+    assert len(calls) == (0 if held else 2)  # forward and backward, or the held copy
 
 
-def test_a_frozen_weight_keeps_nothing_unless_asked_and_gives_the_asked_dtype():
+def test_a_frozen_weight_dequantizes_in_the_asked_dtype_and_ignores_a_copy_in_another():
     _, w, _, _ = _inputs((1,), 64, 32, 1, torch.float32, seed=6)
     state = quantize_4bit_state(w, "nf4", 64, double_quant=True)
     weight = fast._weight_fn(state)  # what the fused functions get outside the memory plan
     got = weight(torch.bfloat16)
-    assert got.dtype == torch.bfloat16 and weight.kept is None
+    assert got.dtype == torch.bfloat16 and weight.held is None
     assert torch.equal(got, state.dequantize(torch.bfloat16))
+    held = fast.FrozenWeight(state, held=state.dequantize(torch.float32))
+    assert torch.equal(held(torch.bfloat16), got)  # fp32 copy held, bf16 asked: dequantized
+    assert held(torch.float32) is held.held
 
 
 def test_an_unread_output_skips_the_base_gemm_and_keeps_every_gradient():

@@ -97,11 +97,12 @@ def test_siblings_match_separate_layers_in_float64(quantized, fused_forced):
         torch.testing.assert_close(got.double(), ref.double(), rtol=1e-5, atol=1e-5)
 
 
-def test_a_kept_4bit_sibling_is_dequantized_once_a_step(fused_forced, monkeypatch):
-    """With `keep_dequantized` (the memory plan's choice), backward reuses the forward's copy."""
+def test_a_4bit_sibling_with_a_held_copy_is_not_dequantized(fused_forced, monkeypatch):
+    """With the copy the memory plan holds on the base layer, no step dequantizes."""
     layers = _siblings(quantized=True)
-    layers["q"].base_layer.weight = None
-    layers["q"].base_layer.keep_dequantized = True
+    base = layers["q"].base_layer
+    base.weight = None
+    base.dequantized = base.quant_state.dequantize(torch.float32)
     calls = []
     real = fused.dequantize
     monkeypatch.setattr(fused, "dequantize", lambda s, d: calls.append(d) or real(s, d))
@@ -110,7 +111,7 @@ def test_a_kept_4bit_sibling_is_dequantized_once_a_step(fused_forced, monkeypatc
     outs = [group.forward(layer, x) for layer in layers.values()]
     leaves = _leaves(layers, x)
     got = _grads(outs, leaves)
-    assert len(calls) == 1
+    assert calls == []
     for g, ref in zip(got, _grads(_reference(layers, x), leaves), strict=True):
         torch.testing.assert_close(g.double(), ref.double(), rtol=1e-5, atol=1e-5)
 

@@ -17,7 +17,7 @@ from slimtune.training.memory import (
     Measurements,
     MemoryPlan,
     choose_recomputation,
-    keep_dequantized,
+    hold_dequantized,
     layers_to_keep,
     plan_memory,
 )
@@ -130,25 +130,41 @@ def test_auto_counts_the_inputs_its_first_step_offloaded():
 
 
 @pytest.mark.parametrize("quant", ["nf4", "fp4"])
-def test_4bit_weights_are_kept_dequantized_only_where_all_of_them_fit(tiny_llama, quant):
+def test_4bit_weights_are_held_dequantized_only_where_all_of_them_fit(tiny_llama, quant):
     from slimtune.quant.linear import quantize_model, quantized_layers
 
     model = quantize_model(tiny_llama[0], quant)
     layers = list(quantized_layers(model).values())
     needed = sum(2 * m.in_features * m.out_features for m in layers)  # bf16 bytes
     assert len(layers) > 1 and needed > 0
-    assert keep_dequantized(model, needed - 1) == 0
-    assert not any(getattr(m, "keep_dequantized", False) for m in layers)
-    assert keep_dequantized(model, needed) == needed
-    assert all(m.keep_dequantized for m in layers)
+    assert hold_dequantized(model, needed - 1) == 0
+    assert not any(getattr(m, "dequantized", None) is not None for m in layers)
+    assert hold_dequantized(model, needed) == needed
+    for m in layers:  # the very bits the layer computes with, in bf16
+        assert torch.equal(m.dequantized, m.dequantize_weight(torch.bfloat16))
+    assert hold_dequantized(model, 0) == 0  # released
+    assert all(m.dequantized is None for m in layers)
 
 
-def test_8bit_weights_are_never_kept_dequantized(tiny_llama):
-    """Only 4-bit states go through the kept path (kernels/lora.py `FrozenWeight`)."""
+def test_the_plan_drops_what_it_held_when_the_run_ends(tiny_llama):
+    from slimtune.quant.linear import quantize_model, quantized_layers
+
+    model = quantize_model(tiny_llama[0], "nf4")
+    plan = MemoryPlan(torch.device("cpu"), "auto", 2, 0, False, False, 0, "", "adamw", 1.0)
+    plan.dequantized_gib = hold_dequantized(model, 2**40) / GiB
+    layers = quantized_layers(model).values()
+    assert plan.dequantized_gib > 0 and all(m.dequantized is not None for m in layers)
+    assert "4-bit weights held dequantized" in plan.line()
+    plan.release(model)
+    assert all(m.dequantized is None for m in layers)
+
+
+def test_8bit_weights_are_never_held_dequantized(tiny_llama):
+    """Only 4-bit states go through the held path (kernels/lora.py `FrozenWeight`)."""
     from slimtune.quant.linear import quantize_model
 
     model = quantize_model(tiny_llama[0], "int8")
-    assert keep_dequantized(model, 2**40) == 0
+    assert hold_dequantized(model, 2**40) == 0
 
 
 def test_cpu_auto_changes_nothing(tiny_llama, tmp_path):
@@ -279,32 +295,36 @@ def test_auto_plan_keeps_the_peak_within_the_budget_gpu(make_tiny_llama_dir, tmp
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_auto_keeps_4bit_weights_dequantized_when_the_budget_has_room_gpu(
+def test_auto_holds_4bit_weights_dequantized_when_the_budget_has_room_gpu(
     make_tiny_llama_dir, tmp_path, monkeypatch
 ):
-    """QLoRA with room to spare keeps each forward's dequantized weight for backward; the
-    losses are those of the same plan that dequantizes twice instead: step 1 (before the plan
-    keeps anything) bit for bit, the later steps within what cuDNN's attention backward,
-    which accumulates dQ with atomics, leaves from run to run (the kept weight's gradients
-    are checked against float64 on the CPU: test_kernels_lora.py, test_lora_group.py)."""
+    """QLoRA with room to spare holds a dequantized copy of each 4-bit weight for the run,
+    and drops it when the run ends. The losses are those of the same plan dequantizing twice
+    a step: step 1 (before the plan holds anything) bit for bit, the later steps within what
+    cuDNN's attention backward, which accumulates dQ with atomics, leaves from run to run
+    (the held weight's gradients are checked against float64 on the CPU:
+    test_kernels_lora.py, test_lora_group.py)."""
+    from slimtune.quant.linear import quantized_layers
     from slimtune.training import memory
 
     directory = make_tiny_llama_dir(hidden_size=256, intermediate_size=1024, num_hidden_layers=4)
     data = _rows_file(tmp_path)
-    losses, kept = {}, {}
-    for name in ("kept", "twice"):
+    losses, held = {}, {}
+    for name in ("held", "twice"):
         if name == "twice":
-            monkeypatch.setattr(memory, "keep_dequantized", lambda model, room: 0)
+            monkeypatch.setattr(memory, "hold_dequantized", lambda model, room: 0)
         model, tok = load_model(directory, dtype=torch.bfloat16, device="cuda", quantize="nf4")
         model = st.add_adapter(model, st.LoraConfig(r=4, target_modules="all-linear"))
         config = TrainConfig(max_steps=4, batch_size=4, save_every=0, seed=0, gpu_memory=40.0)
         summary = train(model, tok, data, config, tmp_path / name, quiet=True)
         lines = (tmp_path / name / "metrics.jsonl").read_text().splitlines()
         losses[name] = [json.loads(x)["loss"] for x in lines if '"loss"' in x]
-        kept[name] = summary["memory"]["kept_dequantized_gib"]
-    assert kept["kept"] > 0 and kept["twice"] == 0, kept
-    assert losses["kept"][0] == losses["twice"][0], losses
-    for got, want in zip(losses["kept"], losses["twice"], strict=True):
+        held[name] = summary["memory"]["dequantized_gib"]
+        if name == "held":
+            assert all(m.dequantized is None for m in quantized_layers(model).values())
+    assert held["held"] > 0 and held["twice"] == 0, held
+    assert losses["held"][0] == losses["twice"][0], losses
+    for got, want in zip(losses["held"], losses["twice"], strict=True):
         assert abs(got - want) / want < 1e-2, losses
 
 

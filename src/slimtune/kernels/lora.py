@@ -21,7 +21,7 @@ What is saved for backward: x (shared with the sibling projections that read the
 input), the small s · x Aᵀ, and A and B in the compute dtype. The frozen weight is not
 saved: a bf16 weight is a parameter already held by the model, and a 4-bit one is
 dequantized again in backward, so at most one dequantized weight exists at a time (unless
-the memory plan has room to keep it, `FrozenWeight`). Their
+the memory plan has room to hold a dequantized copy for the run, `FrozenWeight`). Their
 gradients are returned in the adapters' own dtype.
 
 `use_fast(x)` is the registry's rule (CUDA tensor and Triton importable, unless
@@ -49,27 +49,21 @@ def use_fast(x: Tensor) -> bool:
 class FrozenWeight:
     """The frozen weight (out, in) of one call, as a function of the compute dtype.
 
-    A 4-bit weight is dequantized at each call, so that at most one dequantized weight
-    exists at a time. With `keep` (the memory plan's choice when its budget has room,
-    training/memory.py), the forward's dequantized copy is kept and handed to backward,
-    which then dequantizes nothing: one pass instead of two, for the weight's bf16 bytes
-    held from a layer's forward to its backward. One object per forward call: its first
-    call is the forward's, the next the backward's.
+    A 4-bit weight is dequantized at each call (forward, then again in backward), so that at
+    most one dequantized weight exists at a time; unless the memory plan holds a dequantized
+    copy of it for the run (`held`, training/memory.py `hold_dequantized`: where its budget
+    has room), which is then used as a bf16 weight is, with no dequantization at all.
     """
 
-    def __init__(self, weight: Tensor | QuantState4bit, keep: bool = False) -> None:
-        self.weight, self.keep = weight, keep and isinstance(weight, QuantState4bit)
-        self.kept: Tensor | None = None
+    def __init__(self, weight: Tensor | QuantState4bit, held: Tensor | None = None) -> None:
+        self.weight, self.held = weight, held
 
     def __call__(self, dtype: torch.dtype) -> Tensor:
-        if self.kept is not None and self.kept.dtype == dtype:
-            kept, self.kept = self.kept, None  # backward: released once used
-            return kept
+        if self.held is not None and self.held.dtype == dtype:
+            return self.held
         weight = self.weight
         if isinstance(weight, QuantState4bit):
-            weight = dequantize(weight, dtype)
-            self.kept = weight if self.keep else None
-            return weight
+            return dequantize(weight, dtype)
         return weight if weight.dtype == dtype else weight.to(dtype)
 
 
@@ -122,7 +116,7 @@ class _FusedLoraLinear(torch.autograd.Function):
             dx = da = db = dbias = None
             if ctx.needs_input_grad[0]:
                 dx = torch.mm(gbs, a_)  # (T, in)
-                dx.addmm_(g, ctx.weight_fn(dtype))  # dequantized again, or the kept copy
+                dx.addmm_(g, ctx.weight_fn(dtype))  # dequantized again, or the held copy
                 dx = dx.view(xc.shape).to(x_dtype)
             if ctx.needs_input_grad[1]:
                 da = torch.mm(gbs.t(), x2).to(a_dtype)  # (r, in)
@@ -207,8 +201,8 @@ def _fused_parts(layer: torch.nn.Module, x: Tensor) -> tuple | None:
     """(weight, bias, A, B, scaling) of a LoRA layer the fused path applies to, else None.
 
     It applies on CUDA to a layer with one active, unmerged adapter, no dropout while
-    training, and a frozen Linear or 4-bit base. The weight comes as a `FrozenWeight` that
-    keeps its dequantized copy for backward where the base layer has `keep_dequantized`.
+    training, and a frozen Linear or 4-bit base. The weight comes as a `FrozenWeight`, with the
+    dequantized copy the memory plan holds on the base layer where it holds one.
     """
     if not use_fast(x) or layer.disabled or layer.merged_adapters or layer.fan_in_fan_out:
         return None
@@ -222,7 +216,7 @@ def _fused_parts(layer: torch.nn.Module, x: Tensor) -> tuple | None:
     if weight is None or type(layer.lora_A[name]) is not torch.nn.Linear:
         return None
     a, b = layer.lora_A[name].weight, layer.lora_B[name].weight
-    weight = FrozenWeight(weight, keep=getattr(base, "keep_dequantized", False))
+    weight = FrozenWeight(weight, held=getattr(base, "dequantized", None))
     return weight, getattr(base, "bias", None), a, b, layer.scaling[name]
 
 

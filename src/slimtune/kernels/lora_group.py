@@ -130,7 +130,7 @@ def group_backward(ctx, saved, grads, wanted) -> tuple:
         if want_dx:
             dx = torch.mm(gbs, a_cat)  # (T, in)
             for g, weight_fn in zip(gs, ctx.weight_fns, strict=True):
-                dx.addmm_(g, weight_fn(dtype))  # dequantized again, or the kept copy
+                dx.addmm_(g, weight_fn(dtype))  # dequantized again, or the held copy
             dx = dx.view(xc.shape).to(x_dtype)
         das = [None] * n
         if any(want_a):

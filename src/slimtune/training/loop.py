@@ -310,9 +310,13 @@ def train(
             model, tokenizer, data, config, out, device, autocast, loss_fn, eval_data, quiet
         )
         run.plan, run.stop_when = plan, stop_when
-        with neftune(model, config.neftune_alpha), stop_on_signals() as run.signals:
-            state = run.steps(optimizer, params, state, metrics)  # neftune: noise in training
-        return finish(run, state, metrics, save_fn or default_save_fn)
+        try:
+            with neftune(model, config.neftune_alpha), stop_on_signals() as run.signals:
+                state = run.steps(optimizer, params, state, metrics)  # neftune: training noise
+            return finish(run, state, metrics, save_fn or default_save_fn)
+        finally:
+            if plan is not None:
+                plan.release(model)  # memory.py: what it held for the run
 
 
 def default_save_fn(model: nn.Module, directory: Path) -> Any:

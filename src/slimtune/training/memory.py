@@ -18,9 +18,10 @@ memory). `--checkpointing` chooses:
               kept (kernels/lora_mlp.py), a − h per kept layer, if that recomputes fewer:
               one more elementwise pass a layer instead of a whole layer's forward.
               When no layer is recomputed and the budget still has room for every 4-bit
-              weight in bf16, each weight's dequantized copy is kept from its forward to
-              its backward (kernels/lora.py `FrozenWeight`): one dequantization a step
-              instead of two, for memory that is free anyway.
+              weight in bf16, a dequantized copy of each is held for the run
+              (kernels/lora.py `FrozenWeight`): no dequantization in a step instead of two,
+              for memory that is free anyway (the peak is the one of keeping each forward's
+              copy for its backward: every copy is alive when backward starts).
               On the CPU: none (as before).
 
     budget = --gpu-memory GiB, default 90% of the GPU memory free when the run starts.
@@ -101,7 +102,7 @@ class MemoryPlan:
     per_layer_gib: float | None = None  # measured by `auto`
     peak_all_gib: float | None = None  # step 1's peak with every layer recomputed (scaled)
     rebuilt_mlp: bool = False  # the MLPs' activation is rebuilt in backward, not kept
-    kept_dequantized_gib: float = 0.0  # 4-bit weights kept dequantized for backward
+    dequantized_gib: float = 0.0  # 4-bit weights held dequantized for the run
     pending: bool = False  # `auto` before its first step
     probe: list = dataclasses.field(default_factory=list, repr=False)
     worst_tokens: int = 0  # tokens of the longest micro-batch the data can make
@@ -114,8 +115,8 @@ class MemoryPlan:
         budget = f" (budget {self.budget_gib:.0f} GiB)" if self.budget_gib else ""
         offload = ", inputs offloaded to CPU" if self.offload else ""
         offload += ", MLP activations rebuilt in backward" if self.rebuilt_mlp else ""
-        if self.kept_dequantized_gib:
-            offload += f", 4-bit weights kept dequantized for backward ({self.kept_dequantized_gib:.1f} GiB)"
+        if self.dequantized_gib:
+            offload += f", 4-bit weights held dequantized ({self.dequantized_gib:.1f} GiB)"
         kernels = "fused kernels on" if self.kernels else "fused kernels off"
         if self.kernels and not self.fused_modules:
             kernels += " (LoRA and loss only: this family's norms and MLP run in plain PyTorch)"
@@ -127,7 +128,7 @@ class MemoryPlan:
     def record(self) -> dict:
         keys = ("setting", "layers", "recomputed", "offload", "kernels", "fused_modules", "base",
                 "optim", "budget_gib", "per_layer_gib", "peak_all_gib", "rebuilt_mlp",
-                "kept_dequantized_gib")  # fmt: skip
+                "dequantized_gib")  # fmt: skip
         return {"line": self.line(), **{k: getattr(self, k) for k in keys}}
 
     def after_step(self, model: nn.Module) -> bool:
@@ -150,8 +151,13 @@ class MemoryPlan:
         enable_checkpointing(model, offload=self.offload, fraction=fraction)
         if not self.recomputed:
             room = self.budget_gib * GiB - peak_all - self.layers * per_layer
-            self.kept_dequantized_gib = keep_dequantized(model, room) / GiB
+            self.dequantized_gib = hold_dequantized(model, room) / GiB
         return True
+
+    def release(self, model: nn.Module) -> None:
+        """Drop what the plan holds for the run (the dequantized copies) once it ends."""
+        if self.dequantized_gib:
+            hold_dequantized(model, 0.0)
 
     def rebuilt_choice(self, model: nn.Module, measured: Measurements, chosen: tuple):
         """The plan with every gated MLP's activation rebuilt in backward, where that
@@ -170,18 +176,17 @@ class MemoryPlan:
         return other
 
 
-def keep_dequantized(model: nn.Module, room: float) -> int:
-    """Mark every 4-bit base layer to keep its dequantized weight from forward to backward
-    if all of them fit in `room` bytes as bf16; the bytes kept (0 when they do not fit)."""
+def hold_dequantized(model: nn.Module, room: float) -> int:
+    """Hold a bf16 dequantized copy of every 4-bit base weight on its layer if all of them
+    fit in `room` bytes; the bytes held (0, with every copy dropped, when they do not fit)."""
     from slimtune.quant.linear import quantized_layers
 
     layers = [m for m in quantized_layers(model).values() if m.quant_type in ("nf4", "fp4")]
     needed = sum(BF16_BYTES * m.in_features * m.out_features for m in layers)
-    if not layers or needed > room:
-        return 0
+    fits = bool(layers) and needed <= room
     for m in layers:
-        m.keep_dequantized = True
-    return needed
+        m.dequantized = m.dequantize_weight(torch.bfloat16) if fits else None
+    return needed if fits else 0
 
 
 @dataclasses.dataclass(frozen=True)
