@@ -43,6 +43,29 @@ def test_forward_and_input_gradient_match_hand_computation(quant_type):
     assert not any(p.requires_grad for p in layer.parameters())
 
 
+def test_a_held_dequantized_copy_is_used_in_its_dtype_only(monkeypatch):
+    """The copy the memory plan holds replaces the dequantization, with the same result;
+    asked for another dtype, the layer dequantizes as before."""
+    import slimtune.quant.linear as linear_module
+
+    torch.manual_seed(1)
+    linear = nn.Linear(64, 32)
+    layer = QuantLinear(st.quant.quantize(linear.weight.data, "nf4"), linear.bias)
+    x = torch.randn(4, 64, requires_grad=True)
+    want = layer(x)
+    (want_dx,) = torch.autograd.grad(want.sum(), x)
+    layer.dequantized = layer.dequantize_weight(torch.float32)
+    calls = []
+    real = linear_module._dequantize
+    monkeypatch.setattr(linear_module, "_dequantize", lambda s, d: calls.append(d) or real(s, d))
+    got = layer(x)
+    (got_dx,) = torch.autograd.grad(got.sum(), x)
+    assert calls == [] and torch.equal(got, want) and torch.equal(got_dx, want_dx)
+    layer(x.detach().double())  # another dtype: dequantized for it
+    assert calls == [torch.float64]
+    assert "dequantized" not in layer.state_dict()
+
+
 def test_int8_layer_matches_bitsandbytes():
     bnbf = pytest.importorskip("bitsandbytes.functional")
     torch.manual_seed(1)

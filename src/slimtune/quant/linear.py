@@ -99,6 +99,9 @@ class QuantLinear(nn.Module):
         self.bias = (
             None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
         )
+        # a dequantized copy the memory plan holds for a run (training/memory.py
+        # `hold_dequantized`); not state: never saved, moved or cast with the module
+        self.dequantized: Tensor | None = None
 
     def _stored(self, name: str) -> Tensor | None:
         """A stored tensor in its own dtype and shape (viewed back from its bytes if need be)."""
@@ -140,7 +143,11 @@ class QuantLinear(nn.Module):
         return _dequantize(self.quant_state, dtype or self.compute_dtype)
 
     def forward(self, x: Tensor) -> Tensor:
-        y = _FrozenMatmul.apply(x, lambda: self.dequantize_weight(x.dtype))  # (..., out)
+        held = self.dequantized
+        if held is not None and held.dtype == x.dtype and held.device == x.device:
+            y = nn.functional.linear(x, held)  # the held copy: nothing to dequantize
+        else:
+            y = _FrozenMatmul.apply(x, lambda: self.dequantize_weight(x.dtype))  # (..., out)
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
     def _apply(self, fn, recurse: bool = True):
