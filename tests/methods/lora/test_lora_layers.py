@@ -243,6 +243,60 @@ def test_pissa_and_loftq_are_refused_before_a_layer_without_a_dense_weight_chang
         assert layer.r == {"default": 2}
 
 
+def test_default_init_draws_the_same_a_as_peft():
+    """Kaiming-uniform with a = √5 (bound 1/√in), from the same random draws as PEFT's."""
+    theirs = _peft_layer(_linear(n_in=256, n_out=64), r=16, lora_alpha=16)
+    torch.manual_seed(3)
+    theirs.reset_lora_parameters("default", True)
+    a, b = torch.empty(16, 256), torch.full((64, 16), 7.0)
+    torch.manual_seed(3)
+    init_lora_(a, b, True, 16)
+    assert torch.equal(a, theirs.lora_A["default"].weight.detach())
+    assert torch.count_nonzero(b) == 0
+
+
+def test_no_init_draws_both_matrices_as_nn_linear_does():
+    """init=False: A and B as fresh nn.Linear weights (what PEFT leaves when not initialising)."""
+    torch.manual_seed(4)
+    want_a = nn.Linear(256, 16, bias=False).weight.detach()
+    want_b = nn.Linear(16, 64, bias=False).weight.detach()
+    a, b = torch.empty(16, 256), torch.empty(64, 16)
+    torch.manual_seed(4)
+    init_lora_(a, b, False, 16)
+    assert torch.equal(a, want_a) and torch.equal(b, want_b)
+
+
+def test_unmerge_returns_the_weight_in_its_own_dtype():
+    w = torch.randn(8, 6).to(torch.bfloat16)
+    delta = torch.randn(8, 6) * 1e-2
+    merged = merge_weight(w, delta)
+    back = unmerge_weight(merged, delta)
+    assert merged.dtype == back.dtype == torch.bfloat16
+    torch.testing.assert_close(back, w, rtol=0, atol=2e-2)
+
+
+def test_a_bf16_base_with_fp32_adapters_adds_in_fp32_and_returns_bf16():
+    """How a GPU run holds them: the low-rank term is computed in the adapters' fp32."""
+    from slimtune.methods.lora.layers import _add_lora
+
+    torch.manual_seed(5)
+    result = torch.randn(3, 10).to(torch.bfloat16)
+    x = torch.randn(3, 12).to(torch.bfloat16)
+    a, b = torch.randn(4, 12), torch.randn(10, 4)
+    got = _add_lora(result, x, a, b, 0.5)
+    want = result.float() + 0.5 * (x.float() @ a.t()) @ b.t()
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), want, rtol=1e-2, atol=2e-2)
+
+
+def test_a_layer_without_both_feature_counts_is_refused_by_name():
+    class HalfLinear(nn.Module):
+        in_features = 4  # no out_features
+
+    with pytest.raises(SlimtuneError, match="LoRA cannot wrap HalfLinear"):
+        LoraLinear(HalfLinear())
+
+
 def test_wraps_any_linear_like_module_such_as_a_quantized_base():
     class FrozenLinear(nn.Module):  # the QuantLinear contract: features, dequantize_weight, forward
         def __init__(self, w: torch.Tensor) -> None:
