@@ -73,6 +73,13 @@ def test_exact_match_against_unbatched_transformers_generation(tiny_llama, tmp_p
     data = load_dataset(path, tokenizer, 64)
     score, examples = exact_match(model, tokenizer, data, batch_size=4)
     assert score == 0.5
+    assert [set(e) for e in examples] == [{"prompt", "reference", "prediction", "match"}] * 6
+    assert [e["prompt"] for e in examples] == [  # the prompt as the model saw it, BOS and all
+        tokenizer.decode(tokenizer(p)["input_ids"], skip_special_tokens=False) for p in prompts
+    ]
+    one = load_dataset(path, tokenizer, 64)
+    one.examples, one.rows = one.examples[:1], one.rows[:1]  # the first is the model's own
+    assert exact_match(model, tokenizer, one)[0] == 1.0
     for example, prompt in zip(examples, prompts, strict=True):
         budget = len(example["reference"]) + 2  # the char tokenizer: one token per char
         assert example["prediction"] == hf_greedy(

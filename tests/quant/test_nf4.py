@@ -182,3 +182,11 @@ def test_dequantize_nf4_is_bitsandbytes_reference():
         ours = nf4.dequantize_nf4(packed, state.absmax, 64, w.shape, dtype)
         theirs = _bnb_reference_dequant(packed, state.absmax, "nf4", 64, w.shape, dtype)
         assert ours.dtype == dtype and torch.equal(_bits(ours), _bits(theirs))
+
+
+def test_quantize_4bit_defaults_to_nf4_in_blocks_of_64():
+    w = torch.randn(8, 128, generator=torch.Generator().manual_seed(0))
+    codes, absmax = nf4.quantize_4bit(w)
+    want_codes, want_absmax = nf4.quantize_4bit(w, "nf4", 64)
+    assert torch.equal(codes, want_codes) and torch.equal(absmax, want_absmax)
+    assert absmax.numel() == w.numel() // 64

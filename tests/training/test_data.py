@@ -3,10 +3,20 @@
 import json
 
 import pytest
+import torch
 
 from conftest import CHARS, SPECIAL_TOKENS
 from slimtune.errors import SlimtuneError
-from slimtune.training.data import IGNORE_INDEX, batch_order, batches_from, collate, load_dataset
+from slimtune.training.data import (
+    IGNORE_INDEX,
+    Dataset,
+    Example,
+    batch_order,
+    batches_from,
+    collate,
+    load_dataset,
+    truncate_examples,
+)
 
 START, END = "<|im_start|>", "<|im_end|>"
 
@@ -157,3 +167,33 @@ def test_collate_pads_right_without_loss(tiny_tokenizer, tmp_path):
     batch = collate(load_dataset(path, tiny_tokenizer, 64).examples, pad_id=2)
     assert batch["attention_mask"].tolist() == [[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]]
     assert batch["labels"][0, 3:].tolist() == [IGNORE_INDEX] * 2
+
+
+def test_truncation_counts_cut_and_dropped_rows_and_keeps_the_rest_in_order():
+    ign = IGNORE_INDEX
+    examples = [
+        Example([1, 2, 3, 4, 5], [ign, ign, ign, ign, 5], line=1),  # cut: its loss token goes
+        Example([1, 2], [ign, 2], line=2),  # kept: its one loss token is at position 1
+        Example([1, 2, 3, 4, 5, 6], [ign, ign, ign, ign, ign, 6], line=3),  # cut and dropped
+        Example([1, 2, 3], [ign, 2, 3], line=4),  # kept whole
+    ]
+    rows = [{"n": i} for i in range(4)]
+    data = Dataset("d.jsonl", "prompt_completion", examples, rows)
+    truncate_examples(data, 3)
+    assert (data.truncated, data.dropped) == (2, 2)
+    assert [ex.line for ex in data.examples] == [2, 4]
+    assert data.rows == [{"n": 1}, {"n": 3}]
+    txt = Dataset("d.txt", "txt", [Example([1, 2, 3], [1, 2, 3])], [])  # .txt: no rows
+    truncate_examples(txt, 2)
+    assert txt.rows == [] and txt.truncated == 1 and txt.examples[0].input_ids == [1, 2]
+    with pytest.raises(SlimtuneError, match=r"d\.jsonl: no row has a token to learn within 1 "):
+        truncate_examples(Dataset("d.jsonl", "text", [Example([1, 2], [ign, 2])], [{}]), 1)
+
+
+def test_collate_gives_long_tensors_and_positions_for_unpacked_rows_beside_packed_ones():
+    packed = Example([5, 6, 7, 8], [5, 6, 7, 8], position_ids=[0, 1, 0, 1])
+    plain = Example([9, 10, 11], [9, 10, 11])
+    batch = collate([packed, plain], pad_id=0)
+    assert all(t.dtype == torch.long for t in batch.values())
+    assert batch["position_ids"].tolist() == [[0, 1, 0, 1], [0, 1, 2, 0]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1, 1], [1, 1, 1, 0]]
