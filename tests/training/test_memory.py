@@ -159,6 +159,32 @@ def test_the_plan_drops_what_it_held_when_the_run_ends(tiny_llama):
     assert all(m.dequantized is None for m in layers)
 
 
+@pytest.mark.parametrize("spare", [0, -1])
+def test_auto_holds_the_copies_only_with_room_past_a_plan_that_recomputes_nothing(
+    tiny_llama, monkeypatch, spare
+):
+    """`after_step` from step 1's figures (the GPU's counters stood in for): with room for
+    no recomputation plus every bf16 copy the copies are held, one byte less and none are."""
+    from slimtune.quant.linear import quantize_model, quantized_layers
+
+    model = quantize_model(tiny_llama[0], "nf4")
+    layers = list(quantized_layers(model).values())
+    needed = sum(2 * m.in_features * m.out_features for m in layers)
+    mib = 2**20
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device: 10 * mib)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device: 5 * mib)
+    # peak with every layer recomputed: (10 - 0) + 5 = 15 MiB; each kept layer 1 MiB; 2 layers
+    budget = 15 * mib + 2 * mib + needed + spare
+    plan = MemoryPlan(torch.device("cpu"), "auto", 2, 2, True, False, 0, "", "adamw",
+                      budget / GiB, pending=True, probe=[(mib, 100, 0)] * 2, worst_tokens=100)  # fmt: skip
+    assert plan.after_step(model)
+    assert (plan.recomputed, plan.offload) == (0, False)
+    assert plan.dequantized_gib == (needed / GiB if spare == 0 else 0.0)
+    assert all((m.dequantized is not None) == (spare == 0) for m in layers)
+    plan.release(model)
+    assert all(m.dequantized is None for m in layers)
+
+
 def test_8bit_weights_are_never_held_dequantized(tiny_llama):
     """Only 4-bit states go through the held path (kernels/lora.py `FrozenWeight`)."""
     from slimtune.quant.linear import quantize_model
