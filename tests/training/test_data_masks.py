@@ -122,3 +122,19 @@ def test_a_template_that_is_not_prefix_by_prefix_is_refused(tok):
     messages = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]
     with pytest.raises(SlimtuneError, match="^the chat template does not render conversations"):
         tokenize_messages(odd, messages)
+
+
+def test_exact_match_shows_each_prompt_as_the_model_read_it_bos_included(
+    bos_tok, tiny_llama, tmp_path
+):
+    """evaluate.exact_match: the prompt of each row is decoded with its special tokens."""
+    import json
+
+    from slimtune.evaluate import exact_match
+
+    model, _ = tiny_llama  # the same vocabulary as the char tokenizer
+    path = tmp_path / "d.jsonl"
+    path.write_text(json.dumps({"prompt": "1+1=", "completion": "2"}) + "\n")
+    data = load_dataset(path, bos_tok, 64)
+    _, rows = exact_match(model, bos_tok, data)
+    assert rows[0]["prompt"] == f"{bos_tok.bos_token}1+1="
