@@ -43,6 +43,9 @@ TARGETS = [
     "slimtune.training.memory.xǁMemoryPlanǁrelease__mutmut_*",
     "slimtune.kernels.lora.xǁFrozenWeightǁ*__mutmut_*",
     "slimtune.kernels.lora.xǁ_FusedLoraLinearǁ*__mutmut_*",
+    "slimtune.training.objectives.*",
+    "slimtune.training.packing.*",
+    "slimtune.quant.blockwise.*",
 ]  # fmt: skip
 
 

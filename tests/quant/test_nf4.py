@@ -190,3 +190,18 @@ def test_quantize_4bit_defaults_to_nf4_in_blocks_of_64():
     want_codes, want_absmax = nf4.quantize_4bit(w, "nf4", 64)
     assert torch.equal(codes, want_codes) and torch.equal(absmax, want_absmax)
     assert absmax.numel() == w.numel() // 64
+
+
+def test_blockwise_quantization_defaults_to_blocks_of_256():
+    x = torch.randn(1000, generator=torch.Generator().manual_seed(1))
+    code = blockwise.dynamic_map()
+    codes, absmax = blockwise.quantize_blockwise(x, code)
+    want_codes, want_absmax = blockwise.quantize_blockwise(x, code, 256)
+    assert torch.equal(codes, want_codes) and torch.equal(absmax, want_absmax)
+    assert absmax.numel() == 4  # ⌈1000 / 256⌉
+    torch.testing.assert_close(
+        blockwise.dequantize_blockwise(codes, absmax, code),
+        blockwise.dequantize_blockwise(codes, absmax, code, 256),
+        rtol=0,
+        atol=0,
+    )

@@ -181,3 +181,25 @@ def test_log1mexp_equals_trl_and_float64():
     exact = torch.log1p(-torch.exp(x.double())).float()
     torch.testing.assert_close(log1mexp(x), trl_log1mexp(x), atol=0, rtol=0)
     torch.testing.assert_close(log1mexp(x), exact, atol=1e-6, rtol=1e-5)
+
+
+def test_the_losses_default_to_trls_hyperparameters_and_count_one_token_answers():
+    """β = 0.1 (TRL's DPOConfig, IPO), ε = 0, λ = 0.1 (TRL's ORPOConfig); IPO divides by the
+    answer's token count, which may be 1; the formulas written out by hand."""
+    import torch.nn.functional as F
+
+    from slimtune.training.objectives import dpo_sigmoid_loss, ipo_loss, orpo_loss
+
+    pc, pr = torch.tensor([-3.0, -2.0]), torch.tensor([-4.0, -1.5])
+    rc, rr = torch.tensor([-3.5, -2.5]), torch.tensor([-3.0, -2.0])
+    margin = (pc - rc) - (pr - rr)
+    want = -torch.nn.functional.logsigmoid(0.1 * margin)
+    torch.testing.assert_close(dpo_sigmoid_loss(pc, pr, rc, rr), want)
+    ones, threes = torch.tensor([1, 1]), torch.tensor([3, 3])
+    want_ipo = ((pc - rc) / 1 - (pr - rr) / 3 - 1 / (2 * 0.1)) ** 2
+    torch.testing.assert_close(ipo_loss(pc, pr, rc, rr, ones, threes), want_ipo)
+    want_ipo = ((pc - rc) / 3 - (pr - rr) / 1 - 1 / (2 * 0.1)) ** 2
+    torch.testing.assert_close(ipo_loss(pc, pr, rc, rr, threes, ones), want_ipo)
+    nll, mc, mr = torch.tensor([1.2, 0.7]), torch.tensor([-0.5, -0.9]), torch.tensor([-1.1, -0.4])
+    odds = (mc - torch.log1p(-mc.exp())) - (mr - torch.log1p(-mr.exp()))
+    torch.testing.assert_close(orpo_loss(nll, mc, mr), nll - 0.1 * F.logsigmoid(odds))

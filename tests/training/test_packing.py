@@ -6,9 +6,10 @@ import random
 import pytest
 import torch
 
-from slimtune.training.data import IGNORE_INDEX, Example, collate
+from slimtune.errors import SlimtuneError
+from slimtune.training.data import IGNORE_INDEX, Dataset, Example, collate
 from slimtune.training.loss import causal_lm_loss
-from slimtune.training.packing import best_fit_decreasing, pack_examples
+from slimtune.training.packing import best_fit_decreasing, pack_dataset, pack_examples
 
 
 def reference_bfd(lengths, capacity):
@@ -140,3 +141,19 @@ def test_trainer_step_loss_is_the_same_packed(tiny_llama_dir, tmp_path):
         first[packing] = summary["first_loss"]
         assert summary["train_tokens"] == sum(2 * (i % 5 + 1) + 1 for i in range(12))
     assert first[True] == pytest.approx(first[False], abs=1e-5)
+
+
+def test_an_exact_fit_goes_into_the_bin_it_fills():
+    # 6 opens bin 0 with room 4; the first 4 fits it exactly and must go there, not open a bin
+    assert best_fit_decreasing([6, 4, 4], 10) == [[0, 1], [2]]
+
+
+def test_a_packed_sequence_is_named_by_its_first_row_and_pairs_are_refused():
+    ign = IGNORE_INDEX
+    rows = [Example([1, 2], [ign, 2], line=7), Example([3, 4, 5], [ign, 4, 5], line=3)]
+    data = Dataset("d.jsonl", "prompt_completion", rows, [{}, {}])
+    packed = pack_dataset(data, 8)
+    assert len(packed.examples) == 1 and packed.examples[0].line == 7  # the first row's
+    assert packed.examples[0].input_ids == [1, 2, 3, 4, 5]  # file order inside the sequence
+    with pytest.raises(SlimtuneError, match=r"^--packing packs SFT rows \(--objective sft\)"):
+        pack_dataset(object(), 8)
