@@ -69,45 +69,49 @@ def test_the_plan_arithmetic_at_its_edges():
     assert choose_recomputation(one, 24, 32, saved_per_token=100) == (0, False, 0.0, 20.0)
 
 
-def test_rebuilding_h_is_left_off_where_it_keeps_no_more_layers():
-    from slimtune.kernels.llama_ops import rebuild_gated_outputs
-
-    probe = [(GiB, 8192)] * 32
-    m = Measurements(10 * GiB, 20 * GiB, 11 * GiB, probe, 8192)
+def _gated_model() -> torch.nn.Module:
+    """32 MLPs of intermediate size 16384 marked as the gated LoRA path marks them
+    (kernels/llama_ops.py), for `MemoryPlan.rebuilt_choice`."""
     model = torch.nn.Module()
     model.config = types.SimpleNamespace(intermediate_size=16384)
     model.mlps = torch.nn.ModuleList(torch.nn.Module() for _ in range(32))
     for mlp in model.mlps:
         mlp.gated = True
-    plan = MemoryPlan(torch.device("cuda"), "auto", 32, 32, False, True, 64, "", "adamw", 21.5)
+    return model
+
+
+def _plan(budget_gib: float) -> MemoryPlan:
+    """An `auto` plan of 32 layers on a GPU, before its first step's figures."""
+    return MemoryPlan(torch.device("cuda"), "auto", 32, 32, False, True, 64, "", "adamw",
+                      budget_gib)  # fmt: skip
+
+
+# step 1 of 32 recomputed layers: 10 GiB before, 20 GiB peak, 11 GiB after; 1 GiB a layer
+EIGHT_GIB_STEP = Measurements(10 * GiB, 20 * GiB, 11 * GiB, [(GiB, 8192)] * 32, 8192)
+
+
+def test_rebuilding_h_is_left_off_where_it_keeps_no_more_layers():
+    m, model, plan = EIGHT_GIB_STEP, _gated_model(), _plan(21.5)
     # 0.5 GiB over "all": no layer kept at 1 GiB a layer, nor at 0.75 with h rebuilt
     chosen = choose_recomputation(m, 21.5 * GiB, 32)
     assert chosen[0] == 32
     assert plan.rebuilt_choice(model, m, chosen) is None
     assert not any(getattr(mlp, "rebuild_output", False) for mlp in model.mlps)
-    rebuild_gated_outputs(model, False)
     plain = torch.nn.Module()  # no config: no intermediate size to reason about
     assert plan.rebuilt_choice(plain, m, chosen) is None
 
 
 def test_auto_rebuilds_the_mlp_activation_where_that_recomputes_fewer_layers():
-    # the probe as above; h (8192 tokens x 16384 intermediate, bf16) is 1/4 of what a layer
-    # keeps: kept layers then cost 0.75 GiB, and a 30 GiB budget keeps 12 instead of 9
+    # h (8192 tokens x 16384 intermediate, bf16) is 1/4 of what a layer keeps: kept layers
+    # then cost 0.75 GiB, and a 30 GiB budget keeps 12 instead of 9
     from slimtune.kernels.llama_ops import rebuild_gated_outputs
-    from slimtune.training.memory import MemoryPlan
 
-    probe = [(GiB, 8192)] * 32
-    m = Measurements(10 * GiB, 20 * GiB, 11 * GiB, probe, 8192)
+    m = EIGHT_GIB_STEP
     h = 2 * 16384  # bytes of h per token
     assert choose_recomputation(m, 30 * GiB, 32, saved_per_token=h) == (
         32 - 12, False, 0.75 * GiB, 21 * GiB
     )  # fmt: skip
-    model = torch.nn.Module()
-    model.config = types.SimpleNamespace(intermediate_size=16384)
-    model.mlps = torch.nn.ModuleList(torch.nn.Module() for _ in range(32))
-    for mlp in model.mlps:
-        mlp.gated = True  # what the gated LoRA path marks (kernels/llama_ops.py)
-    plan = MemoryPlan(torch.device("cuda"), "auto", 32, 32, False, True, 64, "", "adamw", 30.0)
+    model, plan = _gated_model(), _plan(30.0)
     assert plan.rebuilt_choice(model, m, choose_recomputation(m, 30 * GiB, 32))[0] == 20
     assert all(mlp.rebuild_output for mlp in model.mlps)
     rebuild_gated_outputs(model, False)
@@ -129,13 +133,18 @@ def test_auto_counts_the_inputs_its_first_step_offloaded():
     assert choose_recomputation(on_gpu, 22 * GiB, 32)[:2] == (32 - 1, False)  # already in peak
 
 
-@pytest.mark.parametrize("quant", ["nf4", "fp4"])
-def test_4bit_weights_are_held_dequantized_only_where_all_of_them_fit(tiny_llama, quant):
+def _quantized(model: torch.nn.Module, quant: str) -> tuple[torch.nn.Module, list, int]:
+    """(model quantized, its quantized layers, their weights' bytes in bf16)."""
     from slimtune.quant.linear import quantize_model, quantized_layers
 
-    model = quantize_model(tiny_llama[0], quant)
+    model = quantize_model(model, quant)
     layers = list(quantized_layers(model).values())
-    needed = sum(2 * m.in_features * m.out_features for m in layers)  # bf16 bytes
+    return model, layers, sum(2 * m.in_features * m.out_features for m in layers)
+
+
+@pytest.mark.parametrize("quant", ["nf4", "fp4"])
+def test_4bit_weights_are_held_dequantized_only_where_all_of_them_fit(tiny_llama, quant):
+    model, layers, needed = _quantized(tiny_llama[0], quant)
     assert len(layers) > 1 and needed > 0
     assert hold_dequantized(model, needed - 1) == 0
     assert not any(getattr(m, "dequantized", None) is not None for m in layers)
@@ -147,12 +156,9 @@ def test_4bit_weights_are_held_dequantized_only_where_all_of_them_fit(tiny_llama
 
 
 def test_the_plan_drops_what_it_held_when_the_run_ends(tiny_llama):
-    from slimtune.quant.linear import quantize_model, quantized_layers
-
-    model = quantize_model(tiny_llama[0], "nf4")
+    model, layers, _ = _quantized(tiny_llama[0], "nf4")
     plan = MemoryPlan(torch.device("cpu"), "auto", 2, 0, False, False, 0, "", "adamw", 1.0)
     plan.dequantized_gib = hold_dequantized(model, 2**40) / GiB
-    layers = quantized_layers(model).values()
     assert plan.dequantized_gib > 0 and all(m.dequantized is not None for m in layers)
     assert "4-bit weights held dequantized" in plan.line()
     plan.release(model)
@@ -165,11 +171,7 @@ def test_auto_holds_the_copies_only_with_room_past_a_plan_that_recomputes_nothin
 ):
     """`after_step` from step 1's figures (the GPU's counters stood in for): with room for
     no recomputation plus every bf16 copy the copies are held, one byte less and none are."""
-    from slimtune.quant.linear import quantize_model, quantized_layers
-
-    model = quantize_model(tiny_llama[0], "nf4")
-    layers = list(quantized_layers(model).values())
-    needed = sum(2 * m.in_features * m.out_features for m in layers)
+    model, layers, needed = _quantized(tiny_llama[0], "nf4")
     mib = 2**20
     monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device: 10 * mib)
     monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device: 5 * mib)
@@ -187,10 +189,8 @@ def test_auto_holds_the_copies_only_with_room_past_a_plan_that_recomputes_nothin
 
 def test_8bit_weights_are_never_held_dequantized(tiny_llama):
     """Only 4-bit states go through the held path (kernels/lora.py `FrozenWeight`)."""
-    from slimtune.quant.linear import quantize_model
-
-    model = quantize_model(tiny_llama[0], "int8")
-    assert hold_dequantized(model, 2**40) == 0
+    model, layers, _ = _quantized(tiny_llama[0], "int8")
+    assert layers and hold_dequantized(model, 2**40) == 0
 
 
 def test_cpu_auto_changes_nothing(tiny_llama, tmp_path):
